@@ -1,0 +1,32 @@
+"""User-facing errors.
+
+Every problem caused by the user's input (a corrupt image, a malformed annotation file, an
+unknown class, a box outside the image, a truncated checkpoint) is raised as an
+:class:`InputError` whose message names the offending file. The CLI prints that one message and
+exits with status 2 (no traceback unless ``--debug``).
+"""
+from __future__ import annotations
+
+import os
+
+
+class FpnDetError(Exception):
+    """Base class of the errors fpndet raises on purpose."""
+
+
+class InputError(FpnDetError):
+    """Bad input from the user, naming the file it came from.
+
+    Args:
+        path: the file (or folder) at fault.
+        problem: what is wrong, in one sentence.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        super().__init__(problem if self.path is None else f"{self.path}: {problem}")
+
+
+class TrainingDiverged(FpnDetError):
+    """A loss became NaN or infinite; the message names the step."""
