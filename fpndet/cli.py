@@ -1,0 +1,181 @@
+"""The ``fpndet`` command: train, eval, predict, inspect.
+
+Every option has ``--help``. Config values are set with dotted overrides after the options,
+e.g. ``fpndet train --config raccoon model.head_depth=2 train.epochs=5``. Bad input prints one
+message naming the file and exits with status 2 (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import FpnDetError
+
+EPILOG = "Config overrides: KEY=VALUE pairs such as model.backbone=resnet18 train.batch_size=4 data.num_workers=0."
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fpndet", description="Feature-pyramid object detection (RetinaNet).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a detector", epilog=EPILOG,
+                           description="Train, evaluate on the validation split, and draw predictions.")
+    train.add_argument("--config", default=None,
+                       help="YAML config file or a named config (shapes, raccoon, coco128, coco_r50_1x); default: shapes")
+    train.add_argument("--data", default=None,
+                       help="dataset: 'shapes', a COCO instances JSON, a VOC root or a YOLO data YAML (sets data.train)")
+    train.add_argument("--val-data", default=None, help="validation dataset if not the --data one (sets data.val)")
+    train.add_argument("--format", default=None, choices=["shapes", "coco", "voc", "yolo"], help="force the dataset format")
+    train.add_argument("--weights", default=None, help="initial weights: a run folder, .safetensors or torchvision .pth")
+    train.add_argument("--output", default=None, help="run folder (sets train.output_dir)")
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth exactly")
+    train.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE")
+    _add_common(train)
+
+    ev = sub.add_parser("eval", help="COCO metrics of a checkpoint on a dataset")
+    ev.add_argument("--weights", required=True, help="run folder, .safetensors or torchvision .pth")
+    ev.add_argument("--data", required=True, help="dataset spec (as for train)")
+    ev.add_argument("--split", default="val", help="split for VOC/YOLO/shapes (default val)")
+    ev.add_argument("--format", default=None, choices=["shapes", "coco", "voc", "yolo"])
+    ev.add_argument("--output", default=None, help="where metrics.json, detections.json and plots go (default: <weights dir>/eval)")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
+    ev.add_argument("--score-thresh", type=float, default=None, help="override the model's score threshold")
+    _add_common(ev)
+
+    pr = sub.add_parser("predict", help="detect objects in images")
+    pr.add_argument("--weights", required=True, help="run folder, .safetensors or torchvision .pth")
+    pr.add_argument("sources", nargs="+", help="image files, folders or glob patterns")
+    pr.add_argument("--output", default="predictions", help="folder for <image>.json and annotated <image>.jpg")
+    pr.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
+    pr.add_argument("--batch-size", type=int, default=4)
+    pr.add_argument("--no-draw", action="store_true", help="write JSON only")
+    _add_common(pr)
+
+    ins = sub.add_parser("inspect", help="dataset statistics and anchor coverage per pyramid level", epilog=EPILOG)
+    ins.add_argument("--data", required=True, help="dataset spec (as for train)")
+    ins.add_argument("--split", default="train")
+    ins.add_argument("--format", default=None, choices=["shapes", "coco", "voc", "yolo"])
+    ins.add_argument("--config", default=None, help="config whose model.* anchors and sizes to check (default: the paper's)")
+    ins.add_argument("--output", default="inspect", help="folder for report.json and the PNG figures")
+    ins.add_argument("--samples", type=int, default=8, help="sample images drawn with their boxes and matched anchors")
+    ins.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE (model.anchor_sizes=[16,32,64,128,256])")
+    _add_common(ins)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .engine.trainer import train
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.train={args.data}")
+    if args.val_data:
+        overrides.append(f"data.val={args.val_data}")
+    if args.format:
+        overrides.append(f"data.format={args.format}")
+    if args.weights:
+        overrides.append(f"train.init_weights={args.weights}")
+    if args.output:
+        overrides.append(f"train.output_dir={args.output}")
+    if args.device != "auto":
+        overrides.append(f"train.device={args.device}")
+    cfg = load_config(args.config or ("shapes" if not args.data or args.data == "shapes" else None), overrides)
+    start = time.perf_counter()
+    report = train(cfg, resume=args.resume)
+    if report:
+        from .engine.evaluation import format_metrics_table
+        from .engine.trainer import draw_validation_predictions
+
+        print(format_metrics_table(report["metrics"]))
+        out = Path(cfg.train.output_dir)
+        draw_validation_predictions(cfg, out)
+        print(f"trained in {time.perf_counter() - start:.0f} s; run folder {out} "
+              f"(best.safetensors, metrics.jsonl, curves.png, eval/, predictions/)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data.detect import open_dataset
+    from .engine.evaluation import format_metrics_table, format_per_class_table
+    from .engine.inference import evaluate_detections, run_inference
+    from .engine.model_io import load_detector, weights_file
+    from .engine.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    model, _ = load_detector(args.weights, device=device, overrides={"score_thresh": args.score_thresh})
+    dataset = open_dataset(args.data, split=args.split, format=args.format)
+    if dataset.num_classes != model.config.num_classes:
+        print(f"warning: the dataset has {dataset.num_classes} classes, the model {model.config.num_classes}", file=sys.stderr)
+    out = Path(args.output) if args.output else weights_file(args.weights).parent / "eval"
+    start = time.perf_counter()
+    detections, gts = run_inference(model, dataset, batch_size=args.batch_size, device=device,
+                                    max_images=args.max_images, progress=True)
+    seconds = time.perf_counter() - start
+    report = evaluate_detections(dataset, detections, gts, out_dir=out)
+    print(format_metrics_table(report["metrics"]))
+    print(format_per_class_table(report["per_class_ap"], report["per_class_ap50"]))
+    print(f"{len(detections)} images in {seconds:.1f} s ({1000 * seconds / max(1, len(detections)):.0f} ms/image); results in {out}")
+    del torch
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .engine.model_io import load_detector
+    from .engine.predict import collect_images, predict_images
+    from .engine.trainer import resolve_device
+
+    images = collect_images(args.sources)
+    model, class_names = load_detector(args.weights, device=resolve_device(args.device),
+                                       overrides={"score_thresh": args.score_thresh})
+    records = predict_images(model, class_names, images, Path(args.output), batch_size=args.batch_size,
+                             draw=not args.no_draw)
+    total = sum(len(r["detections"]) for r in records)
+    print(f"{len(records)} images, {total} detections (score >= {args.score_thresh}); written to {args.output}/")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .config import load_config, model_config
+    from .data.detect import open_dataset
+    from .engine.inspect import inspect_dataset
+
+    cfg = load_config(args.config, list(args.overrides))
+    dataset = open_dataset(args.data, split=args.split, format=args.format)
+    report = inspect_dataset(dataset, model_config(cfg), Path(args.output), samples=args.samples)
+    print(json.dumps(report["summary"], indent=2))
+    print(f"report and figures in {args.output}/")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FpnDetError as err:
+        if args.debug:
+            raise
+        print(f"fpndet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

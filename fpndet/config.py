@@ -1,0 +1,150 @@
+"""Experiment configuration: OmegaConf structured configs over dataclasses.
+
+An experiment is ``{model, data, train, eval}``. YAML files in ``fpndet/configs/`` (or any path)
+are merged over these defaults, then dotted command-line overrides (``model.backbone=resnet18
+train.batch_size=4``). Unknown keys and wrong types are rejected by OmegaConf with the key named.
+The resolved config is saved as ``config.yaml`` beside the checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import InputError
+from .modeling.config import NAMED_CONFIGS, RetinaNetConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from. ``train``/``val``: a dataset spec ("shapes", a COCO instances
+    JSON, a VOC root, a YOLO data YAML); ``*_split``: split names for VOC/YOLO/shapes."""
+
+    train: str = "shapes"
+    val: Optional[str] = None  # defaults to ``train`` with ``val_split``
+    train_split: str = "train"
+    val_split: str = "val"
+    format: Optional[str] = None  # force "shapes" | "coco" | "voc" | "yolo"
+    class_names: Optional[List[str]] = None  # VOC: explicit class list
+    shapes_train_images: int = 2000
+    shapes_val_images: int = 200
+    shapes_image_size: int = 320
+    num_workers: int = 2
+    hflip_prob: float = 0.5
+    scale_range: Optional[List[int]] = None  # multi-scale short side, e.g. [640, 800]
+    color_jitter: bool = False
+    cache_images: bool = False  # decode every image once and keep it in memory
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``base_lr`` is for ``base_batch`` images; the lr is scaled linearly with the
+    total batch (0.01 per 16 images, paper §4 "Optimization")."""
+
+    output_dir: str = "runs/exp"
+    epochs: Optional[int] = 12
+    max_iters: Optional[int] = None  # overrides epochs when set
+    batch_size: int = 8  # per process
+    optimizer: str = "sgd"  # "sgd" | "adamw"
+    base_lr: float = 0.01
+    base_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    schedule: str = "cosine"  # "cosine" | "step"
+    lr_steps: List[float] = field(default_factory=lambda: [2 / 3, 8 / 9])  # fractions of max_iters, or iterations when > 1
+    lr_gamma: float = 0.1
+    clip_grad_norm: Optional[float] = None
+    amp: str = "none"  # "none" | "bf16" | "fp16" (CUDA)
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 20
+    eval_every_epochs: int = 1
+    checkpoint_every_iters: int = 0  # 0: once per epoch
+    num_threads: Optional[int] = None  # torch CPU threads
+    init_weights: Optional[str] = None  # a fpndet checkpoint / torchvision .pth to start from
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    score_thresh: float = 0.05
+    max_images: Optional[int] = None
+
+
+@dataclass
+class ExperimentConfig:
+    model: RetinaNetConfig = field(default_factory=RetinaNetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def named_config_path(name: str) -> Path:
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- YAML file (a path or the name of a config in ``fpndet/configs``) <- overrides.
+
+    A YAML may set ``model.preset: <named model config>`` to start the model section from
+    :data:`fpndet.modeling.config.NAMED_CONFIGS`. Raises :class:`InputError` naming the file or the
+    override at fault.
+    """
+    schema = OmegaConf.structured(ExperimentConfig)
+    layers: list[Any] = []
+    source = "command line"
+    if path_or_name:
+        path = Path(path_or_name)
+        if not path.exists():
+            path = named_config_path(path_or_name)
+        if not path.exists():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise InputError(path_or_name, f"no such config file or named config (named: {known})")
+        source = str(path)
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:  # yaml errors come in several types
+            raise InputError(path, f"cannot parse config: {err}") from None
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    except Exception as err:
+        raise InputError(None, f"bad override {list(overrides)}: {err}") from None
+    try:
+        merged = schema
+        for layer in layers:
+            layer = _apply_model_preset(layer)
+            merged = OmegaConf.merge(merged, layer)
+    except OmegaConfBaseException as err:
+        raise InputError(source, f"invalid config: {err}".splitlines()[0]) from None
+    try:
+        RetinaNetConfig.from_dict(OmegaConf.to_container(merged.model))
+    except ValueError as err:
+        raise InputError(source, str(err)) from None
+    return merged
+
+
+def _apply_model_preset(layer: DictConfig) -> DictConfig:
+    model = layer.get("model") if isinstance(layer, DictConfig) else None
+    if model is None or "preset" not in model:
+        return layer
+    preset = model.pop("preset")
+    if preset not in NAMED_CONFIGS:
+        raise InputError(None, f"unknown model preset {preset!r}; known: {sorted(NAMED_CONFIGS)}")
+    base = OmegaConf.structured(NAMED_CONFIGS[preset]())
+    layer.model = OmegaConf.merge(base, model)
+    return layer
+
+
+def model_config(cfg: DictConfig) -> RetinaNetConfig:
+    return RetinaNetConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.write_text(OmegaConf.to_yaml(cfg))

@@ -1,0 +1,107 @@
+"""Running a detector over a dataset, and evaluating what it finds."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ..data.loaders import collate_detection
+from ..data.transforms import build_eval_transforms
+from .evaluation import CocoEvaluator, detections_to_coco_results, format_metrics_table, format_per_class_table, save_results_json, voc_map50
+
+
+def autocast_context(device: torch.device, amp: str):
+    """``torch.autocast`` for "bf16"/"fp16" on CUDA; a no-op otherwise."""
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def run_inference(
+    model: nn.Module,
+    dataset,
+    *,
+    batch_size: int = 8,
+    device: Optional[torch.device] = None,
+    num_workers: int = 0,
+    amp: str = "none",
+    max_images: Optional[int] = None,
+    progress: bool = False,
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Detections (on the CPU, in original-image pixels) and ground truths for every image, in
+    dataset order. The dataset's own transforms are replaced by the evaluation transforms."""
+    device = device or next(model.parameters()).device
+    previous = dataset.transforms
+    dataset.transforms = build_eval_transforms()
+    subset = dataset if max_images is None else Subset(dataset, range(min(max_images, len(dataset))))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_detection)
+    was_training = model.training
+    model.eval()
+    detections, ground_truths = [], []
+    try:
+        iterator = loader
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
+        for images, targets in iterator:
+            with autocast_context(device, amp):
+                outputs = model([img.to(device, non_blocking=True) for img in images])
+            detections.extend({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs)
+            ground_truths.extend(targets)
+    finally:
+        dataset.transforms = previous
+        model.train(was_training)
+    return detections, ground_truths
+
+
+def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional[Path] = None) -> dict:
+    """COCO metrics (pycocotools) for ``detections``; VOC mAP@0.5 too for VOC datasets.
+
+    Returns ``{"metrics": {...}, "per_class_ap": {...}, ...}``; with ``out_dir``, writes
+    ``detections.json`` (COCO results format, original category ids), ``metrics.json``,
+    ``per_class_ap.txt`` and ``pr_curve.png``.
+    """
+    image_ids = dataset.image_ids[: len(detections)]
+    results = detections_to_coco_results(detections, image_ids, dataset.label_to_category_id)
+    coco_gt = dataset.to_coco()
+    if len(detections) < len(dataset):
+        keep = set(image_ids)
+        coco_gt = {
+            **coco_gt,
+            "images": [im for im in coco_gt["images"] if im["id"] in keep],
+            "annotations": [a for a in coco_gt["annotations"] if a["image_id"] in keep],
+        }
+    report = CocoEvaluator(coco_gt, class_names=dataset.class_names).evaluate(results)
+    if type(dataset).__name__ == "VOCDetection":
+        voc = voc_map50(detections, ground_truths, dataset.num_classes)
+        report["metrics"]["VOC_mAP50"] = voc["mAP50"]
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_results_json(out_dir / "detections.json", results)
+        save_results_json(out_dir / "metrics.json", {"metrics": report["metrics"], "per_class_ap": report["per_class_ap"],
+                                                     "per_class_ap50": report["per_class_ap50"]})
+        (out_dir / "per_class_ap.txt").write_text(
+            format_per_class_table(report["per_class_ap"], report["per_class_ap50"]) + "\n"
+        )
+        from .plots import plot_precision_recall
+
+        if report.get("precision") is not None:
+            plot_precision_recall(report["precision"], dataset.class_names, out_dir / "pr_curve.png")
+    return report
+
+
+def metrics_table(report: dict) -> str:
+    return format_metrics_table(report["metrics"])
+
+
+def write_json(path: Path, payload) -> None:
+    path.write_text(json.dumps(payload, indent=2))

@@ -1,0 +1,363 @@
+"""The training loop: data -> model -> losses -> SGD, with warm-up and schedule, optional AMP
+and DistributedDataParallel, atomic checkpoints (last and best-by-AP), exact resume, periodic
+COCO evaluation, JSONL + TensorBoard logs and PNG curves.
+
+Files in ``train.output_dir``: ``config.yaml`` (resolved config), ``last.pth`` (full training
+state, for ``--resume``), ``last.safetensors`` / ``best.safetensors`` (model weights + model
+config), ``metrics.jsonl``, ``tb/`` (TensorBoard), ``curves.png``, ``eval/`` (last evaluation).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..config import model_config, save_config
+from ..data.detect import open_dataset
+from ..data.loaders import collate_detection
+from ..data.transforms import build_train_transforms
+from ..errors import InputError, TrainingDiverged
+from ..modeling.build import build_model
+from ..modeling.weights import load_matching_weights
+from . import checkpoints as ckpt
+from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .inference import autocast_context, evaluate_detections, run_inference
+from .sampling import ResumableSampler, SeededAugmentation
+from .schedule import build_optimizer, build_scheduler, milestones_from, scaled_lr
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    best_ap: float = -1.0
+    history: list = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def open_datasets(cfg: DictConfig):
+    data = cfg.data
+    kwargs = {}
+    if data.class_names:
+        kwargs["class_names"] = list(data.class_names)
+    shapes = dict(image_size=data.shapes_image_size)
+    train = open_dataset(data.train, split=data.train_split, format=data.format,
+                         **_shapes_kwargs(data.train, shapes, data.shapes_train_images), **kwargs)
+    val_spec = data.val or data.train
+    val = open_dataset(val_spec, split=data.val_split, format=data.format,
+                       **_shapes_kwargs(val_spec, shapes, data.shapes_val_images), **kwargs)
+    return train, val
+
+
+def _shapes_kwargs(spec: str, shapes: dict, num_images: int) -> dict:
+    return {**shapes, "num_images": num_images} if spec == "shapes" else {}
+
+
+def make_train_loader(dataset, cfg: DictConfig, info: DistInfo) -> tuple[DataLoader, ResumableSampler, SeededAugmentation]:
+    data = cfg.data
+    transforms = build_train_transforms(
+        hflip_prob=data.hflip_prob, scale_range=tuple(data.scale_range) if data.scale_range else None,
+        max_size=cfg.model.max_size, color_jitter=data.color_jitter,
+    )
+    dataset.transforms = None
+    augmented = SeededAugmentation(dataset, transforms, seed=cfg.train.seed)
+    sampler = ResumableSampler(num_items=len(dataset), batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                               rank=info.rank, world_size=info.world_size)
+    if sampler.batches_per_epoch() == 0:
+        raise InputError(data.train, f"{len(dataset)} images are fewer than one batch of {cfg.train.batch_size}")
+    loader = DataLoader(augmented, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=data.num_workers,
+                        collate_fn=collate_detection, drop_last=True,
+                        pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_threads)
+    return loader, sampler, augmented
+
+
+def _worker_threads(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+class Trainer:
+    """Args: cfg: the resolved experiment config; resume: continue from ``output_dir/last.pth``."""
+
+    def __init__(self, cfg: DictConfig, *, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.train.output_dir)
+        self.device = resolve_device(cfg.train.device)
+        self.info = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.info.enabled:
+            self.device = torch.device("cuda", self.info.local_rank)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        seed_everything(cfg.train.seed + self.info.rank)
+
+        self.train_set, self.val_set = open_datasets(cfg)
+        cfg.model.num_classes = self.train_set.num_classes
+        self.model_cfg = model_config(cfg)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = build_model(self.model_cfg).to(self.device)
+        if cfg.train.init_weights and not resume:
+            self._load_init_weights(cfg.train.init_weights)
+
+        self.loader, self.sampler, self.augmented = make_train_loader(self.train_set, cfg, self.info)
+        steps_per_epoch = self.sampler.batches_per_epoch()
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = cfg.train.max_iters or steps_per_epoch * cfg.train.epochs
+        total_batch = cfg.train.batch_size * self.info.world_size
+        self.lr = scaled_lr(cfg.train.base_lr, cfg.train.base_batch, total_batch)
+        self.optimizer = build_optimizer(self.model, name=cfg.train.optimizer, lr=self.lr,
+                                         momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+        self.scheduler = build_scheduler(
+            self.optimizer, total_steps=self.total_steps, warmup_steps=min(cfg.train.warmup_iters, self.total_steps // 2),
+            warmup_factor=cfg.train.warmup_factor, schedule=cfg.train.schedule,
+            milestones=milestones_from(cfg.train.lr_steps, self.total_steps), gamma=cfg.train.lr_gamma,
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and self.device.type == "cuda")
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if self.info.enabled else self.model)
+        self.progress = Progress()
+        if resume:
+            self._resume()
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _load_init_weights(self, path: str) -> None:
+        if str(path).endswith(".safetensors") or Path(path).is_dir():
+            state, _ = ckpt.load_model_weights(_weights_file(path))
+        else:
+            from ..modeling.torchvision_compat import convert_torchvision_state_dict
+
+            state = ckpt.load_state_dict_file(path)
+            if any(k.startswith("backbone.body.") for k in state):
+                state = convert_torchvision_state_dict(state)
+        report = load_matching_weights(self.model, state)
+        if self.info.is_main:
+            print(f"init weights {path}: {report.summary()}")
+
+    def _resume(self) -> None:
+        path = self.out / "last.pth"
+        if not path.exists():
+            raise InputError(path, "no checkpoint to resume from")
+        state = ckpt.load_training_state(path)
+        self.model.load_state_dict(state["model_state"])
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.scheduler.load_state_dict(state["scheduler_state"])
+        if state.get("scaler_state"):
+            self.scaler.load_state_dict(state["scaler_state"])
+        extra = state.get("extra", {})
+        self.progress = Progress(step=int(state["step"]), epoch=int(state["epoch"]),
+                                 best_ap=float(extra.get("best_ap", -1.0)), history=list(extra.get("history", [])))
+        ckpt.restore_rng_state(state["rng_state"])
+        if self.info.is_main:
+            print(f"resumed from {path} at step {self.progress.step}")
+
+    def save_checkpoint(self) -> None:
+        if not self.info.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        ckpt.save_training_state(
+            self.out / "last.pth", model_state=model_state, optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(), scaler_state=self.scaler.state_dict(),
+            step=self.progress.step, epoch=self.progress.epoch, rng_state=ckpt.capture_rng_state(),
+            extra={"best_ap": self.progress.best_ap, "history": self.progress.history},
+        )
+        ckpt.save_model_weights(self.out / "last.safetensors", model_state, config=self.model_cfg.to_dict(),
+                                metadata={"step": self.progress.step, "class_names": self.train_set.class_names})
+
+    # ----------------------------------------------------------------------------- loop
+    def train_step(self, images, targets) -> dict[str, float]:
+        images = [img.to(self.device, non_blocking=True) for img in images]
+        targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        with autocast_context(self.device, self.cfg.train.amp):
+            losses = self.ddp(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {float(loss)} at step {self.progress.step} "
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())}); "
+                f"the last good checkpoint is {self.out / 'last.pth'}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {"loss": float(loss), **{k: float(v) for k, v in losses.items()}}
+
+    def evaluate(self, tag: str = "eval") -> dict:
+        detections, gts = run_inference(self.model, self.val_set, batch_size=self.cfg.eval.batch_size,
+                                        device=self.device, amp=self.cfg.train.amp, max_images=self.cfg.eval.max_images)
+        return evaluate_detections(self.val_set, detections, gts, out_dir=self.out / tag)
+
+    def fit(self) -> dict:
+        cfg, info = self.cfg, self.info
+        logger = MetricLogger(self.out, enabled=info.is_main)
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        bar = _progress_bar(self.total_steps, self.progress.step, enabled=info.is_main)
+        last_eval: dict = {}
+        try:
+            while self.progress.step < self.total_steps:
+                epoch = self.progress.step // self.steps_per_epoch
+                start_batch = self.progress.step % self.steps_per_epoch
+                self.progress.epoch = epoch
+                self.sampler.set_epoch(epoch, start_batch)
+                self.augmented.epoch = epoch
+                self.model.train()
+                tic = time.perf_counter()
+                for images, targets in self.loader:
+                    logs = self.train_step(images, targets)
+                    self.progress.step += 1
+                    elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+                    logs["lr"] = self.optimizer.param_groups[0]["lr"]
+                    logs["images_per_s"] = len(images) * info.world_size / max(elapsed, 1e-9)
+                    if self.progress.step % cfg.train.log_every == 0 or self.progress.step == self.total_steps:
+                        logger.log({"step": self.progress.step, "epoch": epoch, **all_reduce_mean(logs, info)})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{logs['loss']:.3f}", cls=f"{logs['loss_cls']:.3f}",
+                                    box=f"{logs['loss_box']:.3f}", lr=f"{logs['lr']:.2e}",
+                                    ips=f"{logs['images_per_s']:.1f}", refresh=False)
+                    every = cfg.train.checkpoint_every_iters
+                    if every and self.progress.step % every == 0:
+                        self.save_checkpoint()
+                    if self.progress.step >= self.total_steps:
+                        break
+                epoch_done = self.progress.step % self.steps_per_epoch == 0 or self.progress.step >= self.total_steps
+                if epoch_done:
+                    finished_epochs = -(-self.progress.step // self.steps_per_epoch)
+                    if (finished_epochs % cfg.train.eval_every_epochs == 0 or self.progress.step >= self.total_steps):
+                        last_eval = self._evaluate_and_keep_best(logger, finished_epochs)
+                    self.save_checkpoint()
+                    barrier(info)
+        finally:
+            bar.close()
+            logger.close()
+        if info.is_main:
+            from .plots import plot_training_curves
+
+            plot_training_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+        cleanup(info)
+        return last_eval
+
+    def _evaluate_and_keep_best(self, logger: "MetricLogger", epoch: int) -> dict:
+        if not self.info.is_main:
+            return {}
+        report = self.evaluate()
+        metrics = report["metrics"]
+        logger.log({"step": self.progress.step, "epoch": epoch, **{k: v for k, v in metrics.items()}})
+        print(f"\nepoch {epoch} step {self.progress.step}: AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}", flush=True)
+        self.progress.history.append({"step": self.progress.step, "AP": metrics["AP"], "AP50": metrics["AP50"]})
+        if metrics["AP"] > self.progress.best_ap:
+            self.progress.best_ap = metrics["AP"]
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            ckpt.save_model_weights(self.out / "best.safetensors", state, config=self.model_cfg.to_dict(),
+                                    metadata={"step": self.progress.step, "AP": metrics["AP"],
+                                              "class_names": self.train_set.class_names})
+        return report
+
+
+def _weights_file(path: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).exists():
+                return path / name
+        raise InputError(path, "no best.safetensors or last.safetensors in this run folder")
+    return path
+
+
+def _progress_bar(total: int, initial: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="it", dynamic_ncols=True)
+
+
+class MetricLogger:
+    """Appends one JSON line per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, out: Path, *, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            out.mkdir(parents=True, exist_ok=True)
+            self.file = open(out / "metrics.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tb"))
+            except Exception:  # tensorboard missing: JSONL only
+                self.writer = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        import json
+
+        clean = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in clean.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, clean["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def train(cfg: DictConfig, *, resume: bool = False) -> dict:
+    """Train as configured; returns the last evaluation report (rank 0)."""
+    return Trainer(cfg, resume=resume).fit()
+
+
+def draw_validation_predictions(cfg: DictConfig, out: Path, *, count: int = 8, score_thresh: float = 0.3) -> Path:
+    """Annotated copies of the first ``count`` validation images (detections of the best model in
+    colour, ground truth in white) in ``out/predictions/``, plus ``grid.png``. Returns the folder."""
+    from .model_io import load_detector
+    from .plots import draw_detections, save_image_grid
+
+    model, class_names = load_detector(out, overrides={"score_thresh": score_thresh})
+    _, val = open_datasets(cfg)
+    folder = out / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    with torch.no_grad():
+        for index in range(min(count, len(val))):
+            image, target = val[index]
+            det = model([image.float() / 255])[0]
+            pictures.append(draw_detections(
+                image, det["boxes"], det["labels"], det["scores"], class_names,
+                out_path=folder / f"{index:03d}.jpg",
+                extra_boxes={"boxes": torch.as_tensor(target["boxes"]), "labels": target["labels"]},
+            ))
+    if pictures:
+        save_image_grid(pictures, folder / "grid.png", columns=4)
+    return folder

@@ -1,0 +1,83 @@
+"""RetinaNet's classification and box-regression subnets (Focal Loss paper §4, Fig. 3).
+
+Both are shared across pyramid levels: ``depth`` x (3x3 conv, C channels, [GroupNorm(32)], ReLU),
+then a 3x3 conv to K*A (classification) or 4*A (box deltas). Weights ~ N(0, 0.01), biases 0,
+except the final classification bias b = -log((1 - π) / π) with prior π = 0.01 (§4
+"Initialization").
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def conv_tower(*, channels: int, depth: int, norm: Optional[str]) -> nn.Sequential:
+    """``depth`` blocks of Sequential(conv3x3, [GroupNorm(32, C)], ReLU); conv bias only without norm."""
+    blocks = []
+    for _ in range(depth):
+        layers = [nn.Conv2d(channels, channels, 3, padding=1, bias=norm is None)]
+        if norm == "group":
+            layers.append(nn.GroupNorm(32, channels))
+        layers.append(nn.ReLU(inplace=True))
+        blocks.append(nn.Sequential(*layers))
+    return nn.Sequential(*blocks)
+
+
+def _flatten_level(x: Tensor, per_anchor: int) -> Tensor:
+    """``[B, A*per_anchor, H, W]`` -> ``[B, H*W*A, per_anchor]`` (location-major, anchor-minor)."""
+    b, _, h, w = x.shape
+    return x.view(b, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, per_anchor)
+
+
+class RetinaNetHead(nn.Module):
+    """Classification + box subnets applied to every pyramid level.
+
+    Args (keyword-only):
+        in_channels: FPN channels d.
+        num_anchors: A per location.
+        num_logits: K (sigmoid classification) or K + 1 (softmax classification).
+        channels: C of the hidden convs (256 in the paper); a 1x1 projection is added when it
+            differs from ``in_channels``.
+        depth: hidden convs per subnet (4 in the paper).
+        norm: None or "group".
+        prior_prob: π for the classification bias.
+
+    ``forward(features)`` with features ``[B, d, H_l, W_l]`` per level returns
+    ``(cls_logits [B, sum_l H_l W_l A, num_logits], box_deltas [B, sum_l H_l W_l A, 4])``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_anchors: int,
+        num_logits: int,
+        channels: int = 256,
+        depth: int = 4,
+        norm: Optional[str] = None,
+        prior_prob: float = 0.01,
+    ):
+        super().__init__()
+        self.num_logits = num_logits
+        self.input_proj = nn.Identity() if channels == in_channels else nn.Conv2d(in_channels, channels, 1)
+        self.cls_tower = conv_tower(channels=channels, depth=depth, norm=norm)
+        self.box_tower = conv_tower(channels=channels, depth=depth, norm=norm)
+        self.cls_logits = nn.Conv2d(channels, num_anchors * num_logits, 3, padding=1)
+        self.box_deltas = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, std=0.01)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        cls_out, box_out = [], []
+        for x in features:
+            x = self.input_proj(x)
+            cls_out.append(_flatten_level(self.cls_logits(self.cls_tower(x)), self.num_logits))
+            box_out.append(_flatten_level(self.box_deltas(self.box_tower(x)), 4))
+        return torch.cat(cls_out, dim=1), torch.cat(box_out, dim=1)

@@ -1,0 +1,103 @@
+"""Image pre-processing equal to torchvision's ``GeneralizedRCNNTransform``.
+
+Normalise with the backbone's mean/std, resize so the short side is ``min_size`` (one picked at
+random per image in training when several are given) unless the long side would exceed
+``max_size``, then zero-pad the batch to a multiple of ``size_divisible`` (bottom/right). Target
+boxes are scaled by the same factors.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ImageBatch:
+    """A padded, normalised batch.
+
+    tensor: float ``[B, 3, H_pad, W_pad]``; image_sizes: (h, w) of each resized image before
+    padding; original_sizes: (h, w) of each input image; targets: the targets with boxes in the
+    resized frame (None when no targets were given).
+    """
+
+    tensor: Tensor
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+    targets: Optional[list[dict[str, Tensor]]]
+
+
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The factor making the short side ``min_size`` unless the long side would pass ``max_size``."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def scale_boxes(boxes: Tensor, from_size: Sequence[int], to_size: Sequence[int]) -> Tensor:
+    """Scale xyxy pixel boxes ``[N, 4]`` from an (h, w) frame to another (float32 ratios, as torchvision)."""
+    ratio_h = torch.tensor(float(to_size[0]), device=boxes.device) / float(from_size[0])
+    ratio_w = torch.tensor(float(to_size[1]), device=boxes.device) / float(from_size[1])
+    return boxes * torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes.dtype)
+
+
+class ImagePreprocessor(nn.Module):
+    """Args (keyword-only): min_size (one or several short sides, pixels), max_size, size_divisible,
+    pixel_mean / pixel_std (RGB, for images in [0, 1])."""
+
+    def __init__(
+        self,
+        *,
+        min_size: Sequence[int],
+        max_size: int,
+        size_divisible: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+    ):
+        super().__init__()
+        self.min_size = [int(s) for s in min_size]
+        self.max_size = int(max_size)
+        self.size_divisible = int(size_divisible)
+        self.register_buffer("pixel_mean", torch.tensor(list(pixel_mean)).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(list(pixel_std)).view(3, 1, 1), persistent=False)
+
+    def _short_side(self) -> int:
+        return random.choice(self.min_size) if self.training else self.min_size[-1]
+
+    def resize(self, image: Tensor, min_size: int) -> Tensor:
+        """Bilinear resize of a ``[3, h, w]`` image (no corner alignment), as torchvision."""
+        scale = resize_scale(image.shape[-2], image.shape[-1], min_size, self.max_size)
+        return F.interpolate(
+            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+        )[0]
+
+    def pad(self, images: Sequence[Tensor]) -> Tensor:
+        height = max(img.shape[-2] for img in images)
+        width = max(img.shape[-1] for img in images)
+        div = self.size_divisible
+        height, width = int(math.ceil(height / div) * div), int(math.ceil(width / div) * div)
+        batch = images[0].new_zeros((len(images), 3, height, width))
+        for i, img in enumerate(images):
+            batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
+        return batch
+
+    def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None) -> ImageBatch:
+        """Args: images: float ``[3, h, w]`` RGB in [0, 1] (any sizes); targets: dicts with "boxes"
+        ``[N, 4]`` xyxy pixels of the input image. Raises ``ValueError`` on a wrong image shape."""
+        resized, original_sizes, new_targets = [], [], [] if targets is not None else None
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image {i}: expected a [3, H, W] tensor, got shape {tuple(image.shape)}")
+            original_sizes.append((int(image.shape[-2]), int(image.shape[-1])))
+            image = (image - self.pixel_mean) / self.pixel_std
+            image = self.resize(image, self._short_side())
+            resized.append(image)
+            if targets is not None:
+                target = dict(targets[i])
+                target["boxes"] = scale_boxes(target["boxes"], original_sizes[-1], image.shape[-2:])
+                new_targets.append(target)
+        image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
+        return ImageBatch(self.pad(resized), image_sizes, original_sizes, new_targets)
