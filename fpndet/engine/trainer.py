@@ -61,9 +61,9 @@ def seed_everything(seed: int) -> None:
 def open_datasets(cfg: DictConfig):
     data = cfg.data
     kwargs = {}
-    if data.class_names:
+    if data.class_names:  # VOC only: an explicit class list
         kwargs["class_names"] = list(data.class_names)
-    shapes = dict(image_size=data.shapes_image_size)
+    shapes = dict(image_size=(data.shapes_image_size, data.shapes_image_size))
     train = open_dataset(data.train, split=data.train_split, format=data.format,
                          **_shapes_kwargs(data.train, shapes, data.shapes_train_images), **kwargs)
     val_spec = data.val or data.train
@@ -206,7 +206,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return {"loss": float(loss), **{k: float(v) for k, v in losses.items()}}
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
     def evaluate(self, tag: str = "eval") -> dict:
         detections, gts = run_inference(self.model, self.val_set, batch_size=self.cfg.eval.batch_size,

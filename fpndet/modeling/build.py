@@ -25,13 +25,15 @@ def build_backbone(config: RetinaNetConfig) -> nn.Module:
         return backbones.ResNetBackbone(
             depth=int(name[6:]), trainable_stages=config.trainable_stages, weights=config.backbone_weights
         )
+    weights = config.backbone_weights
+    path = weights if weights not in (None, "imagenet") else None
     if name == "efficientnet_lite0":
         return backbones.efficientnet_lite0_backbone(
-            pretrained=config.backbone_weights == "imagenet", trainable_stages=config.trainable_stages
+            pretrained=weights is not None, checkpoint_path=path, trainable_stages=config.trainable_stages
         )
     if name.startswith("timm:"):
         return backbones.TimmBackbone(
-            model_name=name[5:], pretrained=config.backbone_weights == "imagenet",
+            model_name=name[5:], pretrained=weights == "imagenet", checkpoint_path=path,
             trainable_stages=config.trainable_stages,
         )
     raise ValueError(f"unknown backbone {name!r}: use resnet18/34/50/101, efficientnet_lite0 or timm:<name>")

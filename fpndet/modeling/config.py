@@ -169,6 +169,7 @@ def retinanet_lite0_fpn_cpu(num_classes: int = 80) -> RetinaNetConfig:
     """A CPU-sized EfficientNet-Lite0 RetinaNet, initialised from the local ImageNet checkpoint."""
     return retinanet_r18_fpn_cpu(num_classes).replace(
         backbone="efficientnet_lite0", backbone_weights="imagenet", trainable_stages=3,
+        pixel_mean=[0.5, 0.5, 0.5], pixel_std=[0.5, 0.5, 0.5],  # the TF Lite0 checkpoint's normalisation
     )
 
 
