@@ -44,14 +44,41 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def _collective_device() -> torch.device:
+    """Where small collective tensors must live: the current GPU for NCCL (which has no CPU
+    tensors), the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Average scalar logs over processes (one collective)."""
     if not info.enabled or not values:
         return values
     keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
     return {k: float(v) / info.world_size for k, v in zip(keys, tensor.tolist())}
+
+
+def all_ranks_true(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is True on every process (one collective; every process must call it)."""
+    if not info.enabled:
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (picklable objects; every process
+    must call it)."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def cleanup(info: DistInfo) -> None:

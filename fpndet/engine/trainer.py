@@ -30,7 +30,7 @@ from ..errors import InputError, TrainingDiverged
 from ..modeling.build import build_model
 from ..modeling.weights import load_matching_weights
 from . import checkpoints as ckpt
-from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_ranks_true, all_reduce_mean, barrier, cleanup, gather_objects, init_distributed
 from .inference import autocast_context, evaluate_detections, run_inference
 from .sampling import ResumableSampler, SeededAugmentation
 from .schedule import build_optimizer, build_scheduler, milestones_from, scaled_lr
@@ -167,20 +167,27 @@ class Trainer:
         extra = state.get("extra", {})
         self.progress = Progress(step=int(state["step"]), epoch=int(state["epoch"]),
                                  best_ap=float(extra.get("best_ap", -1.0)), history=list(extra.get("history", [])))
-        ckpt.restore_rng_state(state["rng_state"])
+        per_rank = extra.get("rng_state_per_rank")
+        same_world = isinstance(per_rank, list) and len(per_rank) == self.info.world_size
+        ckpt.restore_rng_state(per_rank[self.info.rank] if same_world else state["rng_state"])
         if self.info.is_main:
             print(f"resumed from {path} at step {self.progress.step}")
 
     def save_checkpoint(self) -> None:
+        """Write ``last.pth`` and ``last.safetensors`` (rank 0). Every process must call it: the
+        RNG states of all processes are gathered so that each one resumes with its own."""
+        rng_states = gather_objects(ckpt.capture_rng_state(), self.info)
         if not self.info.is_main:
             return
+        extra = {"best_ap": self.progress.best_ap, "history": self.progress.history}
+        if self.info.enabled:
+            extra["rng_state_per_rank"] = rng_states
         self.out.mkdir(parents=True, exist_ok=True)
         model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         ckpt.save_training_state(
             self.out / "last.pth", model_state=model_state, optimizer_state=self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(), scaler_state=self.scaler.state_dict(),
-            step=self.progress.step, epoch=self.progress.epoch, rng_state=ckpt.capture_rng_state(),
-            extra={"best_ap": self.progress.best_ap, "history": self.progress.history},
+            step=self.progress.step, epoch=self.progress.epoch, rng_state=rng_states[0], extra=extra,
         )
         ckpt.save_model_weights(self.out / "last.safetensors", model_state, config=self.model_cfg.to_dict(),
                                 metadata={"step": self.progress.step, "class_names": self.train_set.class_names})
@@ -192,11 +199,14 @@ class Trainer:
         with autocast_context(self.device, self.cfg.train.amp):
             losses = self.ddp(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        # Decided together: a process that stopped alone would leave the others waiting in backward.
+        if not all_ranks_true(bool(torch.isfinite(loss)), self.info):
+            where = f" on rank {self.info.rank}" if self.info.enabled else ""
+            last = self.out / "last.pth"
             raise TrainingDiverged(
-                f"loss is {float(loss)} at step {self.progress.step} "
-                f"({', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())}); "
-                f"the last good checkpoint is {self.out / 'last.pth'}"
+                f"loss is not finite at step {self.progress.step + 1} (loss={float(loss.detach()):.4g}{where}: "
+                f"{', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())}); "
+                + (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet")
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -231,10 +241,11 @@ class Trainer:
                 self.model.train()
                 tic = time.perf_counter()
                 for images, targets in self.loader:
+                    lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
                     logs = self.train_step(images, targets)
                     self.progress.step += 1
                     elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                    logs["lr"] = self.optimizer.param_groups[0]["lr"]
+                    logs["lr"] = lr
                     logs["images_per_s"] = len(images) * info.world_size / max(elapsed, 1e-9)
                     if self.progress.step % cfg.train.log_every == 0 or self.progress.step == self.total_steps:
                         logger.log({"step": self.progress.step, "epoch": epoch, **all_reduce_mean(logs, info)})

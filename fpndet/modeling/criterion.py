@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -40,6 +41,15 @@ def pad_targets(targets: Sequence[dict[str, Tensor]], device: torch.device) -> d
     return {"boxes": boxes, "labels": labels, "valid": valid, "crowd": crowd}
 
 
+def _training_world_size(training: bool) -> int:
+    """W when a training forward runs under an initialised ``torch.distributed`` group, else 1."""
+    if not (training and torch.is_grad_enabled()):
+        return 1
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
 class RetinaNetCriterion(nn.Module):
     """Computes ``{"loss_cls", "loss_box"}`` from head outputs.
 
@@ -52,7 +62,8 @@ class RetinaNetCriterion(nn.Module):
         focal_alpha, focal_gamma: α, γ (0.25, 2). focal_star_gamma, focal_star_beta: γ*, β*.
         box_loss: "smooth_l1" (β = smooth_l1_beta), "l1" or "giou" (on decoded boxes).
         box_loss_weight: factor on the box loss.
-        normalization: "batch" divides batch sums by the batch's foreground count (paper);
+        normalization: "batch" divides batch sums by the batch's foreground count (paper; under
+            DDP the global batch's count, see :meth:`normalize`);
             "per_image" divides each image by its own count, then averages (torchvision).
     """
 
@@ -116,9 +127,27 @@ class RetinaNetCriterion(nn.Module):
         return L.smooth_l1_loss(deltas.float(), target, beta=self.smooth_l1_beta).sum(-1)
 
     def normalize(self, per_image_sums: Tensor, num_foreground: Tensor) -> Tensor:
+        """Scalar loss from per-image loss sums ``[B]`` and foreground counts ``[B]`` (float32).
+
+        "per_image": ``mean(sums / max(counts, 1))``; "batch": ``sum(sums) / max(sum(counts), 1)``.
+
+        Under DistributedDataParallel (``torch.distributed`` initialised with world size W > 1,
+        module in training mode, autograd on), "batch" divides by ``max(N, 1) / W`` where N is the
+        foreground count of the *global* batch (one all-reduce of the count, as detectron2 does).
+        DDP averages the W gradients, so the result is exactly the gradient of the global batch's
+        loss ``sum_all / max(N, 1)``; each process's loss value is then W times its share, and the
+        mean of the W values is the global-batch loss. "per_image" needs no communication: with
+        equal per-process batches the mean of the W per-process means is the global mean.
+        """
         if self.normalization == "per_image":
             return (per_image_sums / num_foreground.clamp(min=1)).mean()
-        return per_image_sums.sum() / num_foreground.sum().clamp(min=1)
+        total = num_foreground.sum()
+        world_size = _training_world_size(self.training)
+        if world_size > 1:
+            total = total.detach().clone()
+            dist.all_reduce(total)
+            return per_image_sums.sum() * world_size / total.clamp(min=1)
+        return per_image_sums.sum() / total.clamp(min=1)
 
     def forward(
         self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, targets: Sequence[dict[str, Tensor]]
