@@ -32,7 +32,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn  # noqa: E402
 
 from common import (  # noqa: E402
     StageTimer, apply_threads, base_parser, compare_detections, format_table, report, resolve_device,
-    summary, synchronize,
+    summary, synchronize, time_interleaved,
 )
 from fpndet.modeling.torchvision_compat import from_torchvision  # noqa: E402
 
@@ -151,47 +151,47 @@ def build_models(device: torch.device, min_size: int, max_size: int, images, can
     return tv_model.to(device), ours.to(device), shift
 
 
-def measure(model, images, recorder: StageRecorder, *, device, repeats: int, warmup: int, autocast) -> dict:
-    """End-to-end and per-stage medians (ms per batch) of ``model(images)``."""
-    def call():
+def measure(models: dict[str, nn.Module], recorders: dict[str, StageRecorder], images, *, device,
+            repeats: int, warmup: int, autocast) -> dict[str, dict]:
+    """End-to-end and per-stage times (ms per batch) of ``model(images)`` for each model; the
+    models run in turn (a, b, a, b, ...) so that both see the same load on a shared machine."""
+    def call(name):
         with torch.inference_mode(), autocast():
-            return model(images)
+            return models[name](images)
 
-    recorder.enabled = False
-    for _ in range(warmup):
-        call()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    clean = []
+    calls = {name: (lambda name=name: call(name)) for name in models}
+    for recorder in recorders.values():
+        recorder.enabled = False
+    clean = {}
     if device.type == "cuda":  # stage syncs would perturb a GPU pipeline: time end-to-end apart
-        for _ in range(repeats):
+        clean = time_interleaved(calls, device=device, repeats=repeats, warmup=warmup)
+    elif warmup:
+        time_interleaved(calls, device=device, repeats=0, warmup=warmup)
+    results = {}
+    for name in models:
+        results[name] = {"stages": {}, "totals": [], "peak_memory_mb": None}
+        recorders[name].enabled = True
+    for _ in range(repeats):
+        for name in models:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            recorders[name].begin_run()
             synchronize(device)
             start = _now()
-            call()
+            results[name]["detections"] = call(name)
             synchronize(device)
-            clean.append((_now() - start) * 1000.0)
-    recorder.enabled = True
-    stages: dict[str, list[float]] = {}
-    totals = []
-    for _ in range(repeats):
-        recorder.begin_run()
-        synchronize(device)
-        start = _now()
-        detections = call()
-        synchronize(device)
-        totals.append((_now() - start) * 1000.0)
-        for stage, ms in recorder.end_run().items():
-            stages.setdefault(stage, []).append(ms)
-    recorder.enabled = False
-    result = {
-        "end_to_end": summary(clean or totals),
-        "stages_median_ms": {s: summary(v)["median_ms"] for s, v in stages.items()},
-        "instrumented_total": summary(totals),
-        "detections": detections,
-    }
-    if device.type == "cuda":
-        result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return result
+            results[name]["totals"].append((_now() - start) * 1000.0)
+            for stage, ms in recorders[name].end_run().items():
+                results[name]["stages"].setdefault(stage, []).append(ms)
+            if device.type == "cuda":
+                results[name]["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    for name in models:
+        recorders[name].enabled = False
+        entry = results[name]
+        entry["end_to_end"] = summary(clean.get(name) or entry["totals"])
+        entry["instrumented_total"] = summary(entry.pop("totals"))
+        entry["stages_median_ms"] = {s: summary(v)["median_ms"] for s, v in entry.pop("stages").items()}
+    return results
 
 
 def run(args) -> None:
@@ -199,7 +199,7 @@ def run(args) -> None:
     apply_threads(args.threads)
     on_gpu = device.type == "cuda"
     if args.quick:
-        min_size, max_size, batches = 320, 533, [1, 2]
+        min_size, max_size, batches = 256, 427, [1, 2]
     elif on_gpu:
         min_size, max_size, batches = 800, 1333, [1, 8]
     else:
@@ -227,11 +227,11 @@ def run(args) -> None:
 
         for batch in batches:
             images = images_all[:batch]
-            measured = {}
-            for impl, model in (("torchvision", tv_model), ("fpndet", ours)):
-                measured[impl] = measure(
-                    model, images, recorders[impl], device=device, repeats=repeats, warmup=warmup, autocast=autocast
-                )
+            measured = measure(
+                {"torchvision": tv_model, "fpndet": ours}, recorders, images, device=device, repeats=repeats,
+                warmup=warmup, autocast=autocast,
+            )
+            for impl in measured:
                 print(f"{precision} batch {batch} {impl}: {measured[impl]['end_to_end']['median_ms']:.1f} ms",
                       flush=True)
             agreement = compare_detections(measured["torchvision"]["detections"], measured["fpndet"]["detections"])

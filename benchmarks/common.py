@@ -97,6 +97,24 @@ def time_ms(fn: Callable[[], Any], *, device: torch.device, repeats: int, warmup
     return times
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, repeats: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """Like :func:`time_ms` for several functions, run in turn (a, b, a, b, ...) so that each
+    sees the same background load on a shared machine. Returns milliseconds per name."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
 def summary(times_ms: Sequence[float]) -> dict[str, float]:
     """Median, min, max and count of a list of milliseconds."""
     return {

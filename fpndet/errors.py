@@ -22,7 +22,16 @@ class InputError(FpnDetError):
         problem: what is wrong, in one sentence.
     """
 
-    def __init__(self, path: str | os.PathLike | None, problem: str):
+    def __init__(self, path: str | os.PathLike | None, problem: str | None = None):
+        if problem is None:
+            # Rebuilt by torch's DataLoader from a worker's text ("Caught InputError in DataLoader
+            # worker ... Original Traceback ... fpndet.errors.InputError: <message>"): keep the message.
+            text = str(path).strip()
+            last = text.splitlines()[-1] if text else ""
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            self.path, self.problem = None, last[len(prefix):] if last.startswith(prefix) else text
+            super().__init__(self.problem)
+            return
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
         super().__init__(problem if self.path is None else f"{self.path}: {problem}")

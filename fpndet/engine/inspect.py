@@ -175,7 +175,7 @@ def _records(dataset) -> list[ImageRecord]:
             image_id=int(target.get("image_id", index)), file_name=str(target.get("file_name", index)),
             height=int(image.shape[-2]), width=int(image.shape[-1]), boxes=boxes.astype(np.float32),
             labels=torch.as_tensor(target["labels"]).numpy().astype(np.int64),
-            iscrowd=torch.as_tensor(target.get("iscrowd", torch.zeros(len(boxes), dtype=torch.bool))).numpy().astype(bool),
+            iscrowd=np.asarray(target.get("iscrowd", np.zeros(len(boxes), bool)), dtype=bool).reshape(-1),
         ))
     return records
 
@@ -273,7 +273,8 @@ def _coverage_by_size(table: _BoxTable, covered: np.ndarray) -> dict[str, dict]:
     result = {}
     for index, name in enumerate(("small", "medium", "large")):
         mask = buckets == index
-        result[name] = {"boxes": int(mask.sum()), "covered": round(_share(int(covered[mask].sum()), int(mask.sum())), 4)}
+        count = int(mask.sum())
+        result[name] = {"boxes": count, "covered": round(_share(int(covered[mask].sum()), count), 4)}
     return result
 
 
@@ -369,14 +370,14 @@ def inspect_dataset(dataset, model_cfg: RetinaNetConfig, out_dir: Path, *, sampl
         "mean_fg_anchors_per_box": round(float(table.fg_anchors.mean()) if num_boxes else 0.0, 3),
         "uncovered": len(uncovered),
     }
-    areas = table.sizes**2
+    buckets = _size_buckets(table.sizes**2)
     report = {
         "summary": summary,
         "crowd_per_class": crowd,
         "coverage_by_size": _coverage_by_size(table, covered),
         "box_size_quantiles": _quantiles(table.sizes),
         "aspect_ratio_quantiles": _quantiles(table.aspect_ratios),
-        "size_buckets": {name: int((_size_buckets(areas) == i).sum()) for i, name in enumerate(("small", "medium", "large"))},
+        "size_buckets": {name: int((buckets == i).sum()) for i, name in enumerate(("small", "medium", "large"))},
         "uncovered_boxes": uncovered[:TOP_UNCOVERED],
         "model": {key: getattr(model_cfg, key) for key in (
             "min_size", "max_size", "size_divisible", "min_level", "max_level", "anchor_sizes", "anchor_scales",
@@ -385,7 +386,8 @@ def inspect_dataset(dataset, model_cfg: RetinaNetConfig, out_dir: Path, *, sampl
     }
     plot_box_statistics(table, model_cfg, out_dir / "box_sizes.png")
     if samples > 0 and len(records) > 0:
-        draw_samples(dataset, records, table, model_cfg, out_dir / "samples.png", count=samples, class_names=class_names)
+        draw_samples(dataset, records, table, model_cfg, out_dir / "samples.png", count=samples,
+                     class_names=class_names)
         report["files"]["samples"] = "samples.png"
     atomic_write_bytes(out_dir / "report.json", json.dumps(report, indent=2).encode())
     return report

@@ -56,7 +56,10 @@ def load_detector(path: str | Path, *, device: str | torch.device = "cpu",
 
         state = ckpt.load_state_dict_file(file)
         arch = "retinanet_resnet50_fpn_v2" if any(".conv.0.1.weight" in k for k in state) else "retinanet_resnet50_fpn"
-        model = from_torchvision(state, arch=arch)
+        try:
+            model = from_torchvision(state, arch=arch)
+        except InputError as err:  # it was given a state dict, so its message names no file
+            raise InputError(file, f"{err.problem}; for a fpndet run use its folder or a .safetensors file") from None
         class_names = [str(i) for i in range(model.config.num_classes)]
     if overrides:
         apply_inference_overrides(model, **overrides)

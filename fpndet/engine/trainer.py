@@ -201,13 +201,7 @@ class Trainer:
         loss = sum(losses.values())
         # Decided together: a process that stopped alone would leave the others waiting in backward.
         if not all_ranks_true(bool(torch.isfinite(loss)), self.info):
-            where = f" on rank {self.info.rank}" if self.info.enabled else ""
-            last = self.out / "last.pth"
-            raise TrainingDiverged(
-                f"loss is not finite at step {self.progress.step + 1} (loss={float(loss.detach()):.4g}{where}: "
-                f"{', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())}); "
-                + (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet")
-            )
+            raise TrainingDiverged(self._divergence_message(loss, losses))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.train.clip_grad_norm:
@@ -217,6 +211,16 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+
+    def _divergence_message(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> str:
+        step, last = self.progress.step + 1, self.out / "last.pth"
+        if math.isfinite(float(loss.detach())):
+            what = f"the loss of another process is not finite at step {step}"
+        else:
+            where = f" on rank {self.info.rank}" if self.info.enabled else ""
+            parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            what = f"loss is not finite at step {step} ({parts}{where})"
+        return f"{what}; " + (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet")
 
     def evaluate(self, tag: str = "eval") -> dict:
         detections, gts = run_inference(self.model, self.val_set, batch_size=self.cfg.eval.batch_size,

@@ -262,3 +262,16 @@ def test_inspect_shapes(tmp_path):
     assert default["summary"]["uncovered"] > tuned["summary"]["uncovered"]
     grid = _valid_png(tmp_path / "small" / "samples.png")
     assert grid.size == (4 * 128, 128)
+
+
+def test_datasets_without_annotation_are_read_through_getitem(tmp_path):
+    """A torch ``Subset`` has no ``annotation()``: its samples are decoded instead, same numbers."""
+    shapes = ShapesDataset(split="val", num_images=6, image_size=(96, 96))
+    cfg = RetinaNetConfig(num_classes=4, min_size=[96], max_size=96, anchor_sizes=[16.0, 32.0, 64.0, 128.0, 256.0])
+    direct = inspect_dataset(shapes, cfg, tmp_path / "direct", samples=0)
+    subset = inspect_dataset(torch.utils.data.Subset(shapes, range(6)), cfg, tmp_path / "subset", samples=2)
+    for key in ("images", "boxes", "coverage", "coverage_per_level", "mean_fg_anchors_per_box", "uncovered"):
+        assert subset["summary"][key] == direct["summary"][key], key
+    labels = [int(label) for i in range(6) for label in shapes.annotation(i).labels]
+    assert subset["summary"]["classes"] == {str(k): labels.count(k) for k in sorted(set(labels))}
+    assert _valid_png(tmp_path / "subset" / "samples.png").size == (2 * 96, 96)
