@@ -11,9 +11,9 @@ Besides the end-to-end time of ``model(images)`` the run is split into stages by
 preprocess (normalise, resize, pad), backbone+FPN, heads, anchors, post-process. On CUDA the
 end-to-end numbers come from separate runs without synchronisation at stage boundaries.
 
-Run: ``python benchmarks/bench_inference.py [--device cuda] [--quick] [--bf16]``.
-CPU defaults: short side 512 (long <= 853), batches 1 and 2; CUDA: 800x1333, batches 1 and 8,
-fp32 (and bf16 autocast with --bf16, on by default on CUDA).
+Run: ``python benchmarks/bench_inference.py [--device cuda] [--quick] [--no-bf16]``.
+CPU defaults: short side 512 (long <= 853), batches 1 and 8 (--quick: short side 256, batches
+1 and 2); CUDA: 800x1333, batches 1 and 8, fp32 and bf16 autocast (skip it with --no-bf16).
 """
 from __future__ import annotations
 
@@ -31,19 +31,24 @@ from torch import nn  # noqa: E402
 from torchvision.models.detection import retinanet_resnet50_fpn  # noqa: E402
 
 from common import (  # noqa: E402
-    StageTimer, apply_threads, base_parser, compare_detections, format_table, report, resolve_device,
+    apply_threads, base_parser, compare_detections, format_table, report, resolve_device,
     summary, synchronize, time_interleaved,
 )
 from fpndet.modeling.torchvision_compat import from_torchvision  # noqa: E402
 
 NAME = "bench_inference"
-COCO128_IMAGES = Path("/work/shared/data/coco128/images")
+IMAGE_DIRS = (  # coco128 photos when present (the repo's shared/ copy on a device machine), else random images
+    Path("/work/shared/data/coco128/images"),
+    Path(__file__).resolve().parents[1] / "shared" / "data" / "coco128" / "images",
+)
 STAGES = ("preprocess", "backbone+FPN", "heads", "anchors", "post-process")
 
 
-def load_images(count: int, seed: int) -> tuple[list[torch.Tensor], str]:
-    """``count`` float32 ``[3, H, W]`` RGB images in [0, 1] and a description of their source."""
-    files = sorted(COCO128_IMAGES.glob("*.jpg"))[:count] if COCO128_IMAGES.is_dir() else []
+def load_images(count: int, seed: int, folder: str | None = None) -> tuple[list[torch.Tensor], str]:
+    """``count`` float32 ``[3, H, W]`` RGB images in [0, 1] and a description of their source:
+    the first JPEGs of ``folder`` (or of coco128 when found), else random 480x640 images."""
+    folders = [Path(folder)] if folder else [d for d in IMAGE_DIRS if d.is_dir()]
+    files = sorted(folders[0].glob("*.jpg"))[:count] if folders else []
     if len(files) == count:
         from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
@@ -60,7 +65,7 @@ class StageRecorder:
     ``enabled`` False makes every hook a no-op (clean end-to-end runs)."""
 
     def __init__(self, device: torch.device):
-        self.timer = StageTimer(device)
+        self.device = device
         self.enabled = False
         self._open: dict[str, float] = {}
         self._run: dict[str, float] = {}
@@ -73,12 +78,12 @@ class StageRecorder:
 
     def _begin(self, stage: str) -> None:
         if self.enabled:
-            synchronize(self.timer.device)
+            synchronize(self.device)
             self._open[stage] = _now()
 
     def _end(self, stage: str) -> None:
         if self.enabled:
-            synchronize(self.timer.device)
+            synchronize(self.device)
             self._run[stage] = self._run.get(stage, 0.0) + (_now() - self._open.pop(stage)) * 1000.0
 
     def module(self, module: nn.Module, stage: str) -> None:
@@ -203,7 +208,7 @@ def run(args) -> None:
     elif on_gpu:
         min_size, max_size, batches = 800, 1333, [1, 8]
     else:
-        min_size, max_size, batches = 512, 853, [1, 2]
+        min_size, max_size, batches = 512, 853, [1, 8]
     min_size = args.min_size or min_size
     max_size = args.max_size or max_size
     batches = args.batches or batches
@@ -211,7 +216,7 @@ def run(args) -> None:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick or not on_gpu else 5)
     precisions = ["fp32"] + (["bf16"] if on_gpu and not args.no_bf16 else [])
 
-    images_cpu, source = load_images(max(batches), args.seed)
+    images_cpu, source = load_images(max(batches), args.seed, args.images)
     tv_model, ours, shift = build_models(device, min_size, max_size, images_cpu, args.candidates)
     images_all = [img.to(device) for img in images_cpu]
     recorders = {"torchvision": StageRecorder(device), "fpndet": StageRecorder(device)}
@@ -272,8 +277,9 @@ def main(argv=None) -> None:
     parser = base_parser(NAME, __doc__.splitlines()[0])
     parser.add_argument("--min-size", type=int, default=None, help="short side (default 512 CPU, 800 CUDA)")
     parser.add_argument("--max-size", type=int, default=None, help="long side limit (default 853 CPU, 1333 CUDA)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 2 CPU, 1 8 CUDA)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1 2)")
     parser.add_argument("--candidates", type=int, default=2000, help="scores per image above 0.05 after calibration")
+    parser.add_argument("--images", default=None, help="folder of JPEGs (default: coco128 when present)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast runs on CUDA")
     run(parser.parse_args(argv))
 

@@ -69,7 +69,8 @@ def compare_losses(tv_losses: dict, our_losses: dict) -> dict:
     pairs = {"cls": (tv_losses["classification"], our_losses["loss_cls"]),
              "box": (tv_losses["bbox_regression"], our_losses["loss_box"])}
     return {
-        name: {"torchvision": float(a), "fpndet": float(b), "rel_diff": abs(float(a) - float(b)) / max(abs(float(a)), 1e-12)}
+        name: {"torchvision": float(a), "fpndet": float(b),
+               "rel_diff": abs(float(a) - float(b)) / max(abs(float(a)), 1e-12)}
         for name, (a, b) in pairs.items()
     }
 
@@ -132,8 +133,10 @@ def memory_probes(device: torch.device, num_gt: int, image_size: tuple[int, int]
         out = subprocess.run(
             [sys.executable, __file__, "--memory-probe", impl, "--probe-gt", str(num_gt), "--device", "cpu",
              "--image-size", str(image_size[0]), str(image_size[1])],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True,
         )
+        if out.returncode != 0:
+            raise SystemExit(f"memory probe {impl} failed:\n{out.stderr[-2000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
 
@@ -154,7 +157,7 @@ def run(args) -> None:
     box_counts = args.boxes or [20, 100]
     repeats = args.repeats or (2 if args.quick else (20 if on_gpu else 3))
     # the agreement check runs every function once before timing: extra warm-up is optional
-    warmup = args.warmup if args.warmup is not None else (0 if args.quick else (3 if on_gpu else 1))
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu and not args.quick else 0)
 
     tv_model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).to(device)
     criterion = build_model(retinanet_r50_fpn_tv(NUM_CLASSES)).criterion
@@ -220,10 +223,11 @@ def run(args) -> None:
         del logits, deltas, tv_heads
 
     probes = [] if args.no_memory_probe else memory_probes(device, args.probe_gt, image_size)
+    title = (f"Matching and losses, {image_size[0]}x{image_size[1]} ({anchors.shape[0]} anchors, {NUM_CLASSES} "
+             f"logits), median of {repeats} (ms per batch)")
     tables = {
-        f"Matching and losses, {image_size[0]}x{image_size[1]} ({anchors.shape[0]} anchors, {NUM_CLASSES} logits), median of {repeats} (ms per batch)":
-            format_table(["device", "batch", "gt/img", "task", "torchvision ms", "fpndet ms", "tv/fpndet",
-                          "(of mins)", "same matches", "loss rel. diff"], rows),
+        title: format_table(["device", "batch", "gt/img", "task", "torchvision ms", "fpndet ms", "tv/fpndet",
+                             "(of mins)", "same matches", "loss rel. diff"], rows),
     }
     if probes:
         tables[f"Peak extra memory, matching {args.probe_gt} boxes x {probes[0]['anchors']} anchors (one image)"] = (

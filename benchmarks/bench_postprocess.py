@@ -104,7 +104,8 @@ def run(args) -> None:
             dets = sum(agreement["counts_reference"]) / batch
             rows.append([
                 device.type, batch, variant, tv_times["median_ms"], tv_times["median_ms"] / batch,
-                our_times["median_ms"], our_times["median_ms"] / batch, f"{ratio:.2f}x", f"{ratio_min:.2f}x", f"{dets:.0f}",
+                our_times["median_ms"], our_times["median_ms"] / batch, f"{ratio:.2f}x", f"{ratio_min:.2f}x",
+                f"{dets:.0f}",
                 "yes" if agreement["same_counts"] else "NO", f"{agreement['max_score_diff']:.1e}",
             ])
             results.append({

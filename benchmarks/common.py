@@ -79,28 +79,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], Any], *, device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Wall-clock milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls.
-
-    On CUDA the device is synchronised before and after every call, so each number is the full
-    latency of one call (kernel launches included)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return times
-
-
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, repeats: int,
                      warmup: int) -> dict[str, list[float]]:
-    """Like :func:`time_ms` for several functions, run in turn (a, b, a, b, ...) so that each
-    sees the same background load on a shared machine. Returns milliseconds per name."""
+    """Wall-clock milliseconds of ``repeats`` calls of each function after ``warmup`` untimed
+    rounds. The functions run in turn (a, b, a, b, ...) so that each sees the same background
+    load on a shared machine. On CUDA the device is synchronised before and after every call, so
+    each number is the full latency of one call. Returns the list of times per name."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -123,29 +107,6 @@ def summary(times_ms: Sequence[float]) -> dict[str, float]:
         "max_ms": max(times_ms),
         "runs": len(times_ms),
     }
-
-
-class StageTimer:
-    """Collects per-stage milliseconds inside one run: ``mark("stage")`` closes the stage that
-    began at the previous mark (synchronising CUDA first)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.times: dict[str, list[float]] = {}
-        self._last = 0.0
-
-    def start(self) -> None:
-        synchronize(self.device)
-        self._last = time.perf_counter()
-
-    def mark(self, stage: str) -> None:
-        synchronize(self.device)
-        now = time.perf_counter()
-        self.times.setdefault(stage, []).append((now - self._last) * 1000.0)
-        self._last = now
-
-    def medians(self) -> dict[str, float]:
-        return {stage: statistics.median(values) for stage, values in self.times.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +153,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
+        env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        env["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return env
 
 
@@ -320,7 +283,8 @@ def synthetic_head_outputs(
         obj = best_object[near]
         noise = torch.randn(len(near), generator=gen) * 0.3
         logits[b, near, classes[obj]] = 6.0 * best_iou[near] - 2.0 + noise
-        deltas[b, near] = coder.encode(objects[obj], cpu_anchors[near]) + torch.randn(len(near), 4, generator=gen) * 0.05
+        jitter = torch.randn(len(near), 4, generator=gen) * 0.05
+        deltas[b, near] = coder.encode(objects[obj], cpu_anchors[near]) + jitter
     return logits.to(anchors.device), deltas.to(anchors.device)
 
 

@@ -21,6 +21,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS = ("bench_postprocess", "bench_inference", "bench_matching")
 
 
+def uses_cuda(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -39,7 +47,7 @@ def main(argv=None) -> int:
                    "--out", str(out_dir / f"{name}.json"), *extra]
         if args.quick:
             command.append("--quick")
-        if name == "bench_matching" and args.device.startswith("cuda"):
+        if name == "bench_matching" and uses_cuda(args.device):
             command.append("--backward")
         print(f"\n=== {' '.join(command)}", flush=True)
         start = time.perf_counter()
