@@ -141,12 +141,30 @@ def calibrate_class_bias(model: nn.Module, images: list[torch.Tensor], candidate
     return shift
 
 
+def freeze_batch_norms(module: nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` by ``FrozenBatchNorm2d`` with the same statistics, as
+    torchvision builds ``retinanet_resnet50_fpn`` whenever (backbone) weights are given; with
+    ``weights=None`` it would keep trainable BatchNorm, which is not how the model is used."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.load_state_dict(
+                {k: v for k, v in child.state_dict().items() if k != "num_batches_tracked"}
+            )
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norms(child)
+
+
 def build_models(device: torch.device, min_size: int, max_size: int, images, candidates: int):
     """torchvision's model with random weights (calibrated bias) and fpndet's conversion of it."""
     torch.manual_seed(0)
     tv_model = retinanet_resnet50_fpn(
         weights=None, weights_backbone=None, min_size=min_size, max_size=max_size
     ).eval()
+    freeze_batch_norms(tv_model.backbone)
     shift = calibrate_class_bias(tv_model, images[:1], candidates)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..config import model_config, save_config
+from ..data.cache import CachedSamples
 from ..data.detect import open_dataset
 from ..data.loaders import collate_detection
 from ..data.transforms import build_train_transforms
@@ -30,6 +31,7 @@ from ..errors import InputError, TrainingDiverged
 from ..modeling.build import build_model
 from ..modeling.weights import load_matching_weights
 from . import checkpoints as ckpt
+from .model_io import weights_file
 from .distributed import DistInfo, all_ranks_true, all_reduce_mean, barrier, cleanup, gather_objects, init_distributed
 from .inference import autocast_context, evaluate_detections, run_inference
 from .sampling import ResumableSampler, SeededAugmentation
@@ -83,7 +85,8 @@ def make_train_loader(dataset, cfg: DictConfig, info: DistInfo) -> tuple[DataLoa
         max_size=cfg.model.max_size, color_jitter=data.color_jitter,
     )
     dataset.transforms = None
-    augmented = SeededAugmentation(dataset, transforms, seed=cfg.train.seed)
+    source = CachedSamples(dataset) if data.cache_images else dataset
+    augmented = SeededAugmentation(source, transforms, seed=cfg.train.seed)
     sampler = ResumableSampler(num_items=len(dataset), batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                rank=info.rank, world_size=info.world_size)
     if sampler.batches_per_epoch() == 0:
@@ -143,7 +146,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- checkpoints
     def _load_init_weights(self, path: str) -> None:
         if str(path).endswith(".safetensors") or Path(path).is_dir():
-            state, _ = ckpt.load_model_weights(_weights_file(path))
+            state, _ = ckpt.load_model_weights(weights_file(path))
         else:
             from ..modeling.torchvision_compat import convert_torchvision_state_dict
 
@@ -294,16 +297,6 @@ class Trainer:
                                     metadata={"step": self.progress.step, "AP": metrics["AP"],
                                               "class_names": self.train_set.class_names})
         return report
-
-
-def _weights_file(path: str) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).exists():
-                return path / name
-        raise InputError(path, "no best.safetensors or last.safetensors in this run folder")
-    return path
 
 
 def _progress_bar(total: int, initial: int, *, enabled: bool):

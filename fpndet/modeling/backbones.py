@@ -34,6 +34,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from fpndet.engine.checkpoints import load_state_dict_file
 from fpndet.errors import InputError
 
 __all__ = [
@@ -132,40 +133,6 @@ def _freeze(modules: Iterable[nn.Module]) -> None:
 # --------------------------------------------------------------------------------------------
 # Weight files
 # --------------------------------------------------------------------------------------------
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a state dict (parameter name -> tensor) from a ``.pth``/``.pt`` or ``.safetensors`` file.
-
-    ``.safetensors`` files are read with :func:`safetensors.torch.load_file`; anything else with
-    ``torch.load(path, map_location="cpu", weights_only=True)`` (no arbitrary code is unpickled).
-    Tensors are returned on the CPU with their stored dtype.
-
-    Raises:
-        InputError: naming ``path`` when the file does not exist, cannot be read (truncated,
-            corrupt, not a torch/safetensors file) or does not hold a mapping of names to tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "weights file does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the readers raise many types for a damaged file
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise InputError(
-            path, f"cannot read weights, the file is truncated or not a saved state dict "
-            f"({type(err).__name__}: {first_line})"
-        ) from err
-    if not isinstance(state, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, Tensor) for key, value in state.items()
-    ):
-        raise InputError(path, "does not hold a state dict (a mapping of parameter names to tensors)")
-    return dict(state)
 
 
 def _describe(keys: Sequence[str], limit: int = 5) -> str:

@@ -204,7 +204,7 @@ def test_resnet_imagenet_weights_go_through_torch_hub(monkeypatch):
 
 def test_missing_weights_file_names_the_file(tmp_path):
     path = tmp_path / "nowhere.pth"
-    with pytest.raises(InputError, match="nowhere.pth: weights file does not exist"):
+    with pytest.raises(InputError, match="nowhere.pth: checkpoint file does not exist"):
         ResNetBackbone(depth=18, weights=str(path))
 
 
@@ -229,7 +229,7 @@ def test_truncated_weights_file_names_the_file(tmp_path, suffix):
 def test_weights_file_that_is_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], path)
-    with pytest.raises(InputError, match="list.pth: does not hold a state dict"):
+    with pytest.raises(InputError, match="list.pth: not a checkpoint: it holds no state dict"):
         load_state_dict_file(path)
 
 
