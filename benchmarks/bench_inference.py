@@ -219,7 +219,7 @@ def measure(models: dict[str, nn.Module], recorders: dict[str, StageRecorder], i
 
 def run(args) -> None:
     device = resolve_device(args.device)
-    apply_threads(args.threads)
+    apply_threads(args, device)
     on_gpu = device.type == "cuda"
     if args.quick:
         min_size, max_size, batches = 256, 427, [1, 2]
@@ -283,7 +283,7 @@ def run(args) -> None:
     tables = {
         f"End-to-end inference, {size}, median of {repeats} (ms per image)": format_table(
             ["device", "precision", "batch", "torchvision ms/img", "fpndet ms/img", "tv/fpndet", "dets/img",
-             "same counts", "max |Δscore|"], e2e_rows),
+             "same counts", "max abs Δscore"], e2e_rows),
         f"Stage split (ms per image; network = backbone+FPN+heads+anchors), {size}": format_table(
             ["device", "precision", "batch", "impl", *STAGES, "network", "post share"], split_rows),
     }

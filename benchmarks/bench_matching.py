@@ -132,7 +132,7 @@ def memory_probes(device: torch.device, num_gt: int, image_size: tuple[int, int]
             continue
         out = subprocess.run(
             [sys.executable, __file__, "--memory-probe", impl, "--probe-gt", str(num_gt), "--device", "cpu",
-             "--image-size", str(image_size[0]), str(image_size[1])],
+             "--image-size", str(image_size[0]), str(image_size[1]), "--threads", str(torch.get_num_threads())],
             capture_output=True, text=True,
         )
         if out.returncode != 0:
@@ -146,7 +146,7 @@ def memory_probes(device: torch.device, num_gt: int, image_size: tuple[int, int]
 # ----------------------------------------------------------------------------------------------
 def run(args) -> None:
     device = resolve_device(args.device)
-    apply_threads(args.threads)
+    apply_threads(args, device)
     # quick: smaller anchor set (384x640 input, ~46k anchors) so the smoke test stays under a minute
     image_size = tuple(args.image_size or ((384, 640) if args.quick else RESIZED_SIZE))
     if args.memory_probe:

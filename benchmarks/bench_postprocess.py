@@ -62,7 +62,7 @@ def torchvision_postprocess(model, cls_logits, box_deltas, anchors, counts, imag
 
 def run(args) -> None:
     device = resolve_device(args.device)
-    apply_threads(args.threads)
+    apply_threads(args, device)
     batches = [1, 2] if args.quick else [1, 2, 8]
     repeats = args.repeats or (3 if args.quick else (20 if device.type == "cuda" else 7))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -118,7 +118,7 @@ def run(args) -> None:
                   f"fpndet {our_times['median_ms']:.1f} ms ({ratio:.2f}x)", flush=True)
 
     headers = ["device", "batch", "post-process", "tv ms/batch", "tv ms/img", "fpndet ms/batch",
-               "fpndet ms/img", "tv/fpndet", "(of mins)", "dets/img", "same counts", "max |Δscore|"]
+               "fpndet ms/img", "tv/fpndet", "(of mins)", "dets/img", "same counts", "max abs Δscore"]
     title = (f"Post-processing, 800x1333 ({anchors.shape[0]} anchors x {NUM_CLASSES} logits), "
              f"~{passing:.0f} scores/img > 0.05, median of {repeats}")
     report(NAME, args, device, {title: format_table(headers, rows)},

@@ -66,7 +66,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def apply_threads(threads: Optional[int]) -> None:
+def apply_threads(args: argparse.Namespace, device: torch.device) -> None:
+    """``torch.set_num_threads(args.threads)``; a CPU ``--quick`` run defaults to 1 thread: on a
+    shared machine two threads slow down by up to 40x when a neighbour takes a core (OpenMP
+    waits for the slowest thread), one thread by at most ~2x, which keeps the smoke test short."""
+    threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
 

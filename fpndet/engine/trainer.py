@@ -310,6 +310,7 @@ class MetricLogger:
 
     def __init__(self, out: Path, *, enabled: bool):
         self.enabled = enabled
+        self.start = time.perf_counter()
         self.writer = None
         if enabled:
             out.mkdir(parents=True, exist_ok=True)
@@ -327,6 +328,7 @@ class MetricLogger:
         import json
 
         clean = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in record.items()}
+        clean["elapsed_s"] = round(time.perf_counter() - self.start, 1)
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
         if self.writer is not None:

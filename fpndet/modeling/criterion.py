@@ -101,11 +101,11 @@ class RetinaNetCriterion(nn.Module):
         if self.cls_loss == "softmax_focal":
             target_class = torch.where(foreground, labels, torch.full_like(labels, self.num_classes))
             return L.softmax_focal_loss(logits, target_class, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        if self.cls_loss == "sigmoid_focal":
+            return self.sigmoid_focal_per_anchor(logits, labels, foreground)
         one_hot = F.one_hot(labels.clamp(min=0), self.num_classes).to(logits.dtype)
         one_hot = one_hot * foreground[..., None].to(logits.dtype)
-        if self.cls_loss == "sigmoid_focal":
-            per_class = L.sigmoid_focal_loss(logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma)
-        elif self.cls_loss == "bce":
+        if self.cls_loss == "bce":
             per_class = L.binary_cross_entropy(logits, one_hot)
         elif self.cls_loss == "balanced_bce":
             per_class = L.alpha_balanced_cross_entropy(logits, one_hot, alpha=self.focal_alpha)
@@ -116,6 +116,21 @@ class RetinaNetCriterion(nn.Module):
         else:
             raise ValueError(f"unknown cls_loss {self.cls_loss!r}")
         return per_class.sum(-1)
+
+    def sigmoid_focal_per_anchor(self, logits: Tensor, labels: Tensor, foreground: Tensor) -> Tensor:
+        """Sigmoid focal loss (paper eq. 5) summed over classes, ``[B, A]``, for one-hot targets
+        without building them: every logit is first scored as a negative,
+        (1-α) σ(x)^γ softplus(x), then each foreground anchor's true-class term is swapped for the
+        positive one, α σ(-x)^γ softplus(-x). Equal to :func:`losses.sigmoid_focal_loss` on the
+        one-hot targets; float32, finite for logits of ±100."""
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        x = logits.float()
+        per_anchor = ((1 - alpha) * torch.sigmoid(x).pow(gamma) * F.softplus(x)).sum(-1)
+        image, anchor = foreground.nonzero(as_tuple=True)
+        x_true = x[image, anchor, labels[image, anchor]]
+        positive = alpha * torch.sigmoid(-x_true).pow(gamma) * F.softplus(-x_true)
+        as_negative = (1 - alpha) * torch.sigmoid(x_true).pow(gamma) * F.softplus(x_true)
+        return per_anchor.index_put((image, anchor), positive - as_negative, accumulate=True)
 
     def box_regression_loss(self, deltas: Tensor, anchors: Tensor, gt_boxes: Tensor) -> Tensor:
         """Per-anchor loss ``[F]`` for foreground deltas/anchors/matched boxes ``[F, 4]``."""

@@ -20,11 +20,13 @@ class FeaturePyramid(nn.Module):
 
     Args (keyword-only):
         in_channels: channels of the backbone maps given to ``forward``, lowest level first.
-        in_levels: pyramid levels of those maps (e.g. [3, 4, 5]); the last must be 5... or the top.
+        in_levels: pyramid levels of those maps (e.g. [3, 4, 5]; [2, 3, 4, 5] for an RPN on P2).
         out_channels: d (256 in both papers).
         min_level, max_level: levels returned (3..7 for RetinaNet; 2..6 for the RPN).
         merge: "sum" or "average".
         p6_input: "c5" or "p5".
+
+    Raises ``ValueError`` for an unknown ``merge``/``p6_input`` or a ``min_level`` the backbone lacks.
 
     Shapes: ``forward([C_l ...])`` with C_l ``[B, in_channels[i], H/2^l, W/2^l]`` returns a list of
     ``[B, out_channels, H_l, W_l]`` for levels min_level..max_level.

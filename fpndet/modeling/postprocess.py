@@ -8,6 +8,8 @@ the per-image, per-level loops of torchvision.
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Sequence
 
 import torch
@@ -18,15 +20,9 @@ from .box_coder import BoxCoder
 
 
 def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    """Clip ``[B, M, 4]`` xyxy boxes to ``image_sizes`` ``[B, 2]`` (h, w) pixels."""
-    h = image_sizes[:, 0].to(boxes.dtype).view(-1, 1)
-    w = image_sizes[:, 1].to(boxes.dtype).view(-1, 1)
-    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
-    x1 = torch.minimum(boxes[..., 0].clamp(min=0), w).maximum(zero)
-    y1 = torch.minimum(boxes[..., 1].clamp(min=0), h).maximum(zero)
-    x2 = torch.minimum(boxes[..., 2].clamp(min=0), w).maximum(zero)
-    y2 = torch.minimum(boxes[..., 3].clamp(min=0), h).maximum(zero)
-    return torch.stack([x1, y1, x2, y2], dim=-1)
+    """Clip xyxy boxes ``[..., 4]`` to their image's (h, w) in ``image_sizes`` ``[..., 2]`` (pixels)."""
+    h, w = image_sizes[..., 0:1].to(boxes.dtype), image_sizes[..., 1:2].to(boxes.dtype)
+    return torch.minimum(boxes.clamp(min=0), torch.cat([w, h, w, h], dim=-1))
 
 
 def batched_class_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
@@ -82,14 +78,37 @@ class DetectionPostprocessor(nn.Module):
             return torch.softmax(cls_logits.float(), dim=-1)[..., :-1]
         return torch.sigmoid(cls_logits.float())
 
-    def level_candidates(self, scores: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-k over one level's ``[B, A_l, K]`` scores: (scores, anchor index, label), each ``[B, k]``."""
-        num_classes = scores.shape[-1]
-        flat = scores.flatten(1)
-        flat = torch.where(flat > self.score_thresh, flat, torch.full_like(flat, -1.0))
-        k = min(self.topk_candidates, flat.shape[1])
-        top_scores, top_idx = flat.topk(k, dim=1)
-        return top_scores, top_idx // num_classes + start, top_idx % num_classes
+    def candidates(self, cls_logits: Tensor, anchors_per_level: Sequence[int]) -> tuple[Tensor, ...]:
+        """Scores above the threshold, then the ``topk_candidates`` best of each (image, level).
+
+        Only the few thousand entries above the threshold are ever sorted: they are ranked within
+        their (image, level) group by one score sort and one stable group sort.
+
+        Returns 1-D tensors over the kept candidates: image index, anchor index, label, score.
+        """
+        num_classes = cls_logits.shape[-1] - int(self.softmax)
+        if self.softmax:
+            flat = self.class_scores(cls_logits).flatten(1)
+            image, flat_index = (flat > self.score_thresh).nonzero(as_tuple=True)
+            scores = flat[image, flat_index]
+        else:
+            # sigmoid is monotonic: pre-select on the logits (with a margin), score the few left.
+            logit_thresh = math.log(self.score_thresh / (1 - self.score_thresh)) - 1e-3
+            flat_logits = cls_logits.flatten(1)
+            image, flat_index = (flat_logits > logit_thresh).nonzero(as_tuple=True)
+            scores = torch.sigmoid(flat_logits[image, flat_index].float())
+            keep = scores > self.score_thresh
+            image, flat_index, scores = image[keep], flat_index[keep], scores[keep]
+        anchor = flat_index // num_classes
+        bounds = torch.tensor(list(itertools.accumulate(anchors_per_level)), device=anchor.device)
+        level = torch.bucketize(anchor, bounds, right=True)
+        group = image * len(anchors_per_level) + level
+        by_score = torch.sort(scores, descending=True, stable=True).indices
+        order = by_score[torch.sort(group[by_score], stable=True).indices]
+        sorted_group = group[order]
+        rank = torch.arange(len(order), device=order.device) - torch.searchsorted(sorted_group, sorted_group)
+        order = order[rank < self.topk_candidates]
+        return image[order], anchor[order], flat_index[order] % num_classes, scores[order]
 
     def forward(
         self,
@@ -107,25 +126,14 @@ class DetectionPostprocessor(nn.Module):
         Returns: per image ``{"boxes": float32 [N, 4] xyxy in original pixels, "scores": [N],
             "labels": int64 [N]}``, sorted by decreasing score, N <= detections_per_image.
         """
-        scores = self.class_scores(cls_logits)
-        device = scores.device
-        parts, start = [], 0
-        for count in anchors_per_level:
-            parts.append(self.level_candidates(scores[:, start : start + count], start))
-            start += count
-        cand_scores = torch.cat([p[0] for p in parts], dim=1)
-        cand_anchor = torch.cat([p[1] for p in parts], dim=1)
-        cand_labels = torch.cat([p[2] for p in parts], dim=1)
-        batch = cand_scores.shape[0]
-        deltas = torch.gather(box_deltas.float(), 1, cand_anchor[..., None].expand(-1, -1, 4))
-        boxes = self.box_coder.decode(deltas, anchors[cand_anchor])
-        sizes = torch.tensor(image_sizes, device=device)
+        device = cls_logits.device
+        image_index, anchor_index, labels, kept_scores = self.candidates(cls_logits, anchors_per_level)
+        boxes = self.box_coder.decode(box_deltas[image_index, anchor_index].float(), anchors[anchor_index])
+        sizes = torch.tensor(image_sizes, device=device)[image_index]
         boxes = clip_boxes(boxes, sizes)
-
-        valid = cand_scores > self.score_thresh
-        image_index = torch.arange(batch, device=device)[:, None].expand_as(cand_scores)[valid]
-        boxes, kept_scores, labels = boxes[valid], cand_scores[valid], cand_labels[valid]
-        keep = batched_class_nms(boxes, kept_scores, image_index * scores.shape[-1] + labels, self.nms_thresh)
+        num_classes = cls_logits.shape[-1] - int(self.softmax)
+        batch = cls_logits.shape[0]
+        keep = batched_class_nms(boxes, kept_scores, image_index * num_classes + labels, self.nms_thresh)
         keep = keep[first_n_per_image(image_index[keep], self.detections_per_image)]
         keep = keep[torch.sort(image_index[keep], stable=True).indices]
 

@@ -240,3 +240,25 @@ def test_from_torchvision_with_another_class_count_skips_classifier():
         model = from_torchvision(reference.state_dict(), num_classes=3)
     assert model.head.cls_logits.out_channels == 27
     assert torch.equal(model.head.box_deltas.weight, reference.head.regression_head.bbox_reg.weight)
+
+
+def test_criterion_focal_fast_path_equals_one_hot_focal_loss():
+    import torch.nn.functional as F
+
+    from fpndet.modeling import losses as L
+
+    model = build_model(tiny(num_classes=5))
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 300, 5) * 4).double().float()
+    logits[0, :3] = torch.tensor([100.0, -100.0, 30.0])[:, None]
+    logits.requires_grad_(True)
+    labels = torch.randint(0, 5, (2, 300))
+    foreground = torch.rand(2, 300) < 0.2
+    fast = model.criterion.sigmoid_focal_per_anchor(logits, labels, foreground)
+    one_hot = F.one_hot(labels, 5).float() * foreground[..., None]
+    reference = L.sigmoid_focal_loss(logits, one_hot).sum(-1)
+    assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-6)
+    (grad_fast,) = torch.autograd.grad(fast.sum(), logits)
+    (grad_ref,) = torch.autograd.grad(reference.sum(), logits)
+    assert torch.isfinite(grad_fast).all()
+    assert torch.allclose(grad_fast, grad_ref, rtol=1e-4, atol=1e-6)
