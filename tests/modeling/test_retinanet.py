@@ -262,3 +262,27 @@ def test_criterion_focal_fast_path_equals_one_hot_focal_loss():
     (grad_ref,) = torch.autograd.grad(reference.sum(), logits)
     assert torch.isfinite(grad_fast).all()
     assert torch.allclose(grad_fast, grad_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_from_torchvision_downloads_published_weights_through_the_hub(monkeypatch, tmp_path):
+    """"COCO_V1" fetches torchvision's published checkpoint via torch.hub (mocked: no internet)."""
+    tv = pytest.importorskip("torchvision.models.detection")
+    from fpndet.modeling import torchvision_compat
+
+    reference = tv.retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91)
+    saved = tmp_path / "retinanet_v2.pth"
+    torch.save(reference.state_dict(), saved)
+    calls = []
+
+    def fake_download(url, **kwargs):
+        calls.append((url, kwargs))
+        return torch.load(saved, weights_only=True)
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    model = torchvision_compat.from_torchvision("COCO_V1", arch="retinanet_resnet50_fpn_v2")
+    assert calls[0][0] == "https://download.pytorch.org/models/retinanet_resnet50_fpn_v2_coco-5905b1c5.pth"
+    assert calls[0][1].get("weights_only") is True
+    assert torch.equal(model.head.cls_tower[0][1].weight, reference.head.classification_head.conv[0][1].weight)
+    # and the same weights read from the local file
+    local = torchvision_compat.from_torchvision(saved, arch="retinanet_resnet50_fpn_v2")
+    assert torch.equal(local.fpn.extra_convs[0].weight, reference.backbone.fpn.extra_blocks.p6.weight)
