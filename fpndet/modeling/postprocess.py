@@ -25,6 +25,15 @@ def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     return torch.minimum(boxes.clamp(min=0), torch.cat([w, h, w, h], dim=-1))
 
 
+def logit_of(probability: float) -> float:
+    """Inverse sigmoid, with -inf for probability <= 0 and +inf for >= 1."""
+    if probability <= 0:
+        return -math.inf
+    if probability >= 1:
+        return math.inf
+    return math.log(probability / (1 - probability))
+
+
 def batched_class_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
     """NMS within each group, all groups in one call.
 
@@ -93,7 +102,7 @@ class DetectionPostprocessor(nn.Module):
             scores = flat[image, flat_index]
         else:
             # sigmoid is monotonic: pre-select on the logits (with a margin), score the few left.
-            logit_thresh = math.log(self.score_thresh / (1 - self.score_thresh)) - 1e-3
+            logit_thresh = logit_of(self.score_thresh) - 1e-3
             flat_logits = cls_logits.flatten(1)
             image, flat_index = (flat_logits > logit_thresh).nonzero(as_tuple=True)
             scores = torch.sigmoid(flat_logits[image, flat_index].float())
