@@ -106,8 +106,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from .data.detect import open_dataset
     from .engine.evaluation import format_metrics_table, format_per_class_table
     from .engine.inference import evaluate_detections, run_inference
@@ -128,7 +126,6 @@ def cmd_eval(args) -> int:
     print(format_metrics_table(report["metrics"]))
     print(format_per_class_table(report["per_class_ap"], report["per_class_ap50"]))
     print(f"{len(detections)} images in {seconds:.1f} s ({1000 * seconds / max(1, len(detections)):.0f} ms/image); results in {out}")
-    del torch
     return 0
 
 

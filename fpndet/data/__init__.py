@@ -6,7 +6,7 @@ from fpndet.data.dataset import DetectionDataset
 from fpndet.data.detect import open_dataset
 from fpndet.data.formats import SHAPE_CLASSES, CocoDetection, ShapesDataset, VOCDetection, YOLODetection
 from fpndet.data.images import image_size, load_image
-from fpndet.data.loaders import build_loader, collate_detection, set_loader_epoch
+from fpndet.data.loaders import collate_detection
 from fpndet.data.transforms import SanitizeDetectionBoxes, build_eval_transforms, build_train_transforms
 
 __all__ = [
@@ -19,9 +19,7 @@ __all__ = [
     "SHAPE_CLASSES",
     "load_image",
     "image_size",
-    "build_loader",
     "collate_detection",
-    "set_loader_epoch",
     "build_train_transforms",
     "build_eval_transforms",
     "SanitizeDetectionBoxes",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,9 +9,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ..data.formats.voc import VOCDetection
 from ..data.loaders import collate_detection
 from ..data.transforms import build_eval_transforms
-from .evaluation import CocoEvaluator, detections_to_coco_results, format_metrics_table, format_per_class_table, save_results_json, voc_map50
+from .evaluation import CocoEvaluator, detections_to_coco_results, format_per_class_table, save_results_json, voc_map50
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -80,7 +80,7 @@ def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional
             "annotations": [a for a in coco_gt["annotations"] if a["image_id"] in keep],
         }
     report = CocoEvaluator(coco_gt, class_names=dataset.class_names).evaluate(results)
-    if type(dataset).__name__ == "VOCDetection":
+    if isinstance(dataset, VOCDetection):  # the devkit metric too
         voc = voc_map50(detections, ground_truths, dataset.num_classes)
         report["metrics"]["VOC_mAP50"] = voc["mAP50"]
     if out_dir is not None:
@@ -97,11 +97,3 @@ def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional
         if report.get("precision") is not None:
             plot_precision_recall(report["precision"], dataset.class_names, out_dir / "pr_curve.png")
     return report
-
-
-def metrics_table(report: dict) -> str:
-    return format_metrics_table(report["metrics"])
-
-
-def write_json(path: Path, payload) -> None:
-    path.write_text(json.dumps(payload, indent=2))

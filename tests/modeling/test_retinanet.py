@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import batched_nms
 
 from fpndet.modeling.anchors import AnchorGenerator, cell_anchors
 from fpndet.modeling.box_coder import BoxCoder
