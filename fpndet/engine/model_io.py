@@ -26,6 +26,22 @@ def weights_file(path: str | Path) -> Path:
     return path
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights under fpndet's module names, for initialising or fine-tuning a model: from a run
+    folder, a fpndet ``.safetensors``, a torchvision RetinaNet ``.pth`` (renamed with
+    :func:`~fpndet.modeling.torchvision_compat.convert_torchvision_state_dict`) or any other state
+    dict file (taken as is). Raises :class:`InputError` naming an unreadable file."""
+    file = weights_file(path)
+    if file.suffix == ".safetensors":
+        return ckpt.load_model_weights(file)[0]
+    state = ckpt.load_state_dict_file(file)
+    if any(key.startswith("backbone.body.") for key in state):
+        from ..modeling.torchvision_compat import convert_torchvision_state_dict
+
+        state = convert_torchvision_state_dict(state)
+    return state
+
+
 def load_detector(path: str | Path, *, device: str | torch.device = "cpu",
                   overrides: Optional[dict] = None) -> tuple[RetinaNet, list[str]]:
     """The model stored at ``path`` in eval mode, and its class names.

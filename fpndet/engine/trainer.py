@@ -29,7 +29,7 @@ from ..errors import InputError, TrainingDiverged
 from ..modeling.build import build_model
 from ..modeling.weights import load_matching_weights
 from . import checkpoints as ckpt
-from .model_io import weights_file
+from .model_io import read_weights
 from .distributed import DistInfo, all_ranks_true, all_reduce_mean, barrier, cleanup, gather_objects, init_distributed
 from .inference import autocast_context, evaluate_detections, run_inference
 from .sampling import ResumableSampler, SeededAugmentation
@@ -143,14 +143,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def _load_init_weights(self, path: str) -> None:
-        if str(path).endswith(".safetensors") or Path(path).is_dir():
-            state, _ = ckpt.load_model_weights(weights_file(path))
-        else:
-            from ..modeling.torchvision_compat import convert_torchvision_state_dict
-
-            state = ckpt.load_state_dict_file(path)
-            if any(k.startswith("backbone.body.") for k in state):
-                state = convert_torchvision_state_dict(state)
+        state = read_weights(path)
         report = load_matching_weights(self.model, state)
         if self.info.is_main:
             print(f"init weights {path}: {report.summary()}")
