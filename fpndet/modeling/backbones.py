@@ -36,6 +36,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from fpndet.engine.checkpoints import load_state_dict_file
 from fpndet.errors import InputError
+from fpndet.modeling.config import EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -57,19 +58,9 @@ __all__ = [
 PYRAMID_STRIDES: tuple[int, int, int] = (8, 16, 32)
 """Strides in pixels of C3, C4, C5."""
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-"""RGB mean for pixels in [0, 1] used to train torchvision's ImageNet ResNets."""
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-"""RGB standard deviation for pixels in [0, 1] used to train torchvision's ImageNet ResNets."""
-
 EFFICIENTNET_LITE0_ARCH = "tf_efficientnet_lite0"
 """timm architecture that reproduces the EfficientNet-Lite0 checkpoint best (see
 :func:`load_efficientnet_lite0_imagenet`)."""
-EFFICIENTNET_LITE0_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-"""RGB mean for pixels in [0, 1] that reproduces the EfficientNet-Lite0 checkpoint best: the TF
-Lite models were trained on ``(x - 127) / 128`` of 8-bit pixels."""
-EFFICIENTNET_LITE0_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-"""RGB standard deviation matching :data:`EFFICIENTNET_LITE0_MEAN`."""
 
 _RESNET_DEPTHS = (18, 34, 50, 101)
 _NUM_BATCHES_TRACKED = "num_batches_tracked"

@@ -10,8 +10,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+# Input normalisation (RGB, pixels in [0, 1]) of the backbones' ImageNet weights: torchvision's
+# ResNets, and the EfficientNet-Lite0 TF checkpoint, trained on (x - 127) / 128 of 8-bit pixels
+# (the best of the variants compared in fpndet.modeling.backbones).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+EFFICIENTNET_LITE0_MEAN = (0.5, 0.5, 0.5)
+EFFICIENTNET_LITE0_STD = (0.5, 0.5, 0.5)
 
 CLS_LOSSES = ("sigmoid_focal", "softmax_focal", "bce", "balanced_bce", "focal_star")
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
@@ -169,7 +174,7 @@ def retinanet_lite0_fpn_cpu(num_classes: int = 80) -> RetinaNetConfig:
     """A CPU-sized EfficientNet-Lite0 RetinaNet, initialised from the local ImageNet checkpoint."""
     return retinanet_r18_fpn_cpu(num_classes).replace(
         backbone="efficientnet_lite0", backbone_weights="imagenet", trainable_stages=3,
-        pixel_mean=[0.5, 0.5, 0.5], pixel_std=[0.5, 0.5, 0.5],  # the TF Lite0 checkpoint's normalisation
+        pixel_mean=list(EFFICIENTNET_LITE0_MEAN), pixel_std=list(EFFICIENTNET_LITE0_STD),
     )
 
 

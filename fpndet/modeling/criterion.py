@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from . import losses as L
 from .box_coder import BoxCoder
@@ -20,25 +21,26 @@ from .matcher import IGNORE, AnchorMatcher
 
 
 def pad_targets(targets: Sequence[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor]:
-    """Pad per-image targets to ``[B, G]``.
+    """Pad per-image targets to ``[B, G]`` (G = the most boxes in an image, at least 1).
 
     Returns "boxes" float32 ``[B, G, 4]``, "labels" int64 ``[B, G]``, "valid" bool ``[B, G]``
     (real boxes) and "crowd" bool ``[B, G]`` (ignore regions, from the optional "iscrowd").
     """
-    batch = len(targets)
-    most = max([len(t["boxes"]) for t in targets] + [1])
-    boxes = torch.zeros((batch, most, 4), dtype=torch.float32, device=device)
-    labels = torch.zeros((batch, most), dtype=torch.int64, device=device)
-    valid = torch.zeros((batch, most), dtype=torch.bool, device=device)
-    crowd = torch.zeros((batch, most), dtype=torch.bool, device=device)
-    for i, target in enumerate(targets):
-        n = len(target["boxes"])
-        boxes[i, :n] = target["boxes"].to(device=device, dtype=torch.float32)
-        labels[i, :n] = target["labels"].to(device)
-        valid[i, :n] = True
-        if "iscrowd" in target:
-            crowd[i, :n] = target["iscrowd"].to(device).bool()
-    return {"boxes": boxes, "labels": labels, "valid": valid, "crowd": crowd}
+    counts = torch.tensor([len(t["boxes"]) for t in targets], device=device)
+    most = max(int(counts.max()), 1)
+
+    def padded(key: str, dtype: torch.dtype, empty: Tensor) -> Tensor:
+        rows = [t[key].to(device=device, dtype=dtype) if key in t else empty[: len(t["boxes"])] for t in targets]
+        rows.append(torch.zeros((most, *empty.shape[1:]), dtype=dtype, device=device))  # sets the width
+        return pad_sequence(rows, batch_first=True)[:-1]
+
+    no_crowd = torch.zeros(most, dtype=torch.bool, device=device)
+    return {
+        "boxes": padded("boxes", torch.float32, torch.zeros((most, 4), device=device)),
+        "labels": padded("labels", torch.int64, torch.zeros(most, dtype=torch.int64, device=device)),
+        "valid": torch.arange(most, device=device)[None] < counts[:, None],
+        "crowd": padded("iscrowd", torch.bool, no_crowd),
+    }
 
 
 def _training_world_size(training: bool) -> int:
