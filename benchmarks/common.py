@@ -24,7 +24,7 @@ import torchvision
 from torch import Tensor
 
 import fpndet
-from fpndet.modeling.anchors import AnchorGenerator
+from fpndet.modeling.build import build_anchor_generator
 from fpndet.modeling.box_coder import BoxCoder
 from fpndet.modeling.config import RetinaNetConfig, retinanet_r50_fpn_tv
 
@@ -226,7 +226,7 @@ def fpndet_anchors(image_size: tuple[int, int], device: torch.device,
     """fpndet's anchors (equal to torchvision's) for a padded batch of ``image_size`` (h, w):
     float32 ``[A, 4]`` xyxy pixels and the per-level counts."""
     config = config or retinanet_r50_fpn_tv()
-    generator = AnchorGenerator(sizes=config.anchor_sizes, scales=config.anchor_scales, ratios=config.anchor_ratios)
+    generator = build_anchor_generator(config)
     padded = padded_size(image_size)
     anchors, counts = generator(padded, feature_grids(padded))
     return anchors.to(device), list(counts)

@@ -36,7 +36,8 @@ class DataConfig:
     shapes_image_size: int = 320
     num_workers: int = 2
     hflip_prob: float = 0.5
-    scale_range: Optional[List[int]] = None  # multi-scale short side, e.g. [640, 800]
+    # Multi-scale training is model.min_size with several short sides (the model draws one per
+    # image where it resizes; evaluation uses the last), e.g. model.min_size=[640,672,704,736,768,800].
     color_jitter: bool = False
     cache_images: bool = False  # decode every image once and keep it in memory
 
@@ -119,6 +120,7 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
     try:
         merged = schema
         for layer in layers:
+            _reject_removed_keys(layer, source)
             layer = _apply_model_preset(layer)
             merged = OmegaConf.merge(merged, layer)
     except OmegaConfBaseException as err:
@@ -128,6 +130,20 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
     except ValueError as err:
         raise InputError(source, str(err)) from None
     return merged
+
+
+REMOVED_KEYS = {
+    "scale_range": "data.scale_range was removed (the model resized every image back to model.min_size, so it "
+    "did nothing): list several short sides in model.min_size instead, e.g. model.min_size=[640,672,704,736,768,800]; "
+    "the model draws one per training image and evaluates at the last",
+}
+
+
+def _reject_removed_keys(layer: DictConfig, source: str) -> None:
+    data = layer.get("data") if isinstance(layer, DictConfig) else None
+    for key, message in REMOVED_KEYS.items():
+        if data is not None and key in data:
+            raise InputError(source, message)
 
 
 def _apply_model_preset(layer: DictConfig) -> DictConfig:

@@ -9,9 +9,9 @@ follow every geometric change without hand-written box arithmetic. Both pipeline
    filtered alike;
 3. ``v2.ToDtype(torch.float32, scale=True)``: image uint8 [0, 255] -> float32 [0, 1].
 
-The multi-scale training of the FPN paper (Lin et al. 2017, Sec. 5.1: images resized to a
-shorter side of 800 px) is the optional ``scale_range`` random shorter side; the model resizes
-to its own configured size afterwards as well.
+Resizing is not done here: the model's pre-processor resizes every image to its short side
+``model.min_size`` (drawing one of several per image in training: multi-scale training, as
+torchvision and detectron2 do), so a resize here would be undone there.
 """
 
 from __future__ import annotations
@@ -71,8 +71,6 @@ def _row_index(inputs: tuple[Any, dict[str, Any]]) -> torch.Tensor:
 def build_train_transforms(
     *,
     hflip_prob: float = 0.5,
-    scale_range: tuple[int, int] | None = None,
-    max_size: int = 1333,
     color_jitter: bool = False,
     zoom_out: bool = False,
     iou_crop: bool = False,
@@ -80,8 +78,7 @@ def build_train_transforms(
     """Training augmentation for ``(image uint8 [3, H, W], target)`` samples.
 
     Order: photometric distortion (``color_jitter``), zoom-out onto a mean-colour canvas up to
-    4x (``zoom_out``), SSD-style minimum-IoU crop (``iou_crop``), random shorter side in
-    ``scale_range`` (steps of 32 px, longer side at most ``max_size``), horizontal flip with
+    4x (``zoom_out``), SSD-style minimum-IoU crop (``iou_crop``), horizontal flip with
     probability ``hflip_prob`` (``x1' = W - x2``, ``x2' = W - x1``), then the common tail (module
     doc).
 
@@ -98,8 +95,6 @@ def build_train_transforms(
         )
     if iou_crop:
         steps.append(v2.RandomIoUCrop())
-    if scale_range is not None:
-        steps.append(v2.RandomShortestSize(min_size=_short_sides(scale_range), max_size=max_size, antialias=True))
     if hflip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=hflip_prob))
     return v2.Compose(steps + _common_tail())
@@ -112,10 +107,3 @@ def build_eval_transforms() -> v2.Compose:
 
 def _common_tail() -> list[Any]:
     return [v2.ClampBoundingBoxes(), SanitizeDetectionBoxes(), v2.ToDtype(torch.float32, scale=True)]
-
-
-def _short_sides(scale_range: Sequence[int]) -> list[int]:
-    low, high = (int(v) for v in scale_range)
-    if not 0 < low <= high:
-        raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {tuple(scale_range)}")
-    return list(range(low, high + 1, 32))

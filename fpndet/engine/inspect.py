@@ -40,8 +40,9 @@ from torch import Tensor
 
 from ..data.records import ImageRecord
 from ..modeling.anchors import AnchorGenerator
+from ..modeling.build import build_anchor_generator
 from ..modeling.config import RetinaNetConfig
-from ..modeling.matcher import pairwise_iou
+from ..modeling.box_ops import pairwise_iou
 from ..modeling.preprocess import resize_scale
 from .checkpoints import atomic_write_bytes
 from .plots import draw_detections, save_image_grid
@@ -212,7 +213,7 @@ def _scaled(boxes: np.ndarray, geometry: InputGeometry) -> np.ndarray:
 
 
 def _measure(records: Sequence[ImageRecord], config: RetinaNetConfig) -> _BoxTable:
-    generator = AnchorGenerator(sizes=config.anchor_sizes, scales=config.anchor_scales, ratios=config.anchor_ratios)
+    generator = build_anchor_generator(config)
     columns: dict[str, list[np.ndarray]] = {k: [] for k in _BoxTable.__dataclass_fields__}
     for index, record in enumerate(records):
         keep = ~np.asarray(record.iscrowd, dtype=bool)
@@ -473,7 +474,7 @@ def draw_samples(dataset, records: Sequence[ImageRecord], table: _BoxTable, conf
                  out_png: str | os.PathLike, *, count: int, class_names: Sequence[str]) -> None:
     """``count`` images at network-input scale (at most 512 px) with their boxes and the
     foreground anchors of each box (white, 1 px), in a 4-column grid saved as PNG."""
-    generator = AnchorGenerator(sizes=config.anchor_sizes, scales=config.anchor_scales, ratios=config.anchor_ratios)
+    generator = build_anchor_generator(config)
     covered = table.best_iou >= config.foreground_iou
     pictures = []
     for index in _sample_indices(records, table, count, covered):

@@ -78,10 +78,7 @@ def _shapes_kwargs(spec: str, shapes: dict, num_images: int) -> dict:
 
 def make_train_loader(dataset, cfg: DictConfig, info: DistInfo) -> tuple[DataLoader, ResumableSampler, SeededAugmentation]:
     data = cfg.data
-    transforms = build_train_transforms(
-        hflip_prob=data.hflip_prob, scale_range=tuple(data.scale_range) if data.scale_range else None,
-        max_size=cfg.model.max_size, color_jitter=data.color_jitter,
-    )
+    transforms = build_train_transforms(hflip_prob=data.hflip_prob, color_jitter=data.color_jitter)
     dataset.transforms = None
     source = CachedSamples(dataset) if data.cache_images else dataset
     augmented = SeededAugmentation(source, transforms, seed=cfg.train.seed)

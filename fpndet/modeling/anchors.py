@@ -2,14 +2,25 @@
 
 Each level P_l carries A = len(scales) * len(ratios) anchors per location, of area
 (size_l * scale)^2 and aspect ratio h/w = ratio, centred on the top-left corner of each feature
-cell (x = j * stride, y = i * stride), as torchvision does. Sizes are truncated to integers and
+cell (x = j * stride, y = i * stride), as torchvision does.
+
+Two placements of the cells (the stride of a level):
+
+- ``level_strides`` given (fpndet's paper configs): stride 2^l on P_l, as the paper and
+  detectron2 place anchors. A P7 cell covers 128 px whatever the padded size.
+- ``level_strides=None`` (the torchvision presets): stride ``padded_size // grid``, torchvision's
+  ``AnchorGenerator``. Equal to 2^l when the padded size is a multiple of 2^l; otherwise smaller
+  (an 800x1216 input gives P7 strides (114, 121) instead of 128, and the last row of P7 anchors
+  sits 84 px above the paper's). Kept so torchvision's trained heads line up exactly.
+
+Sizes are truncated to integers and
 the half-extents rounded exactly like torchvision's ``AnchorGenerator`` so torchvision's trained
 heads line up with our anchors (order: location-major, then ratio, then scale).
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,11 +53,25 @@ class AnchorGenerator(nn.Module):
     Args (keyword-only):
         sizes: one base size per level, lowest level first (pixels).
         scales, ratios: see :func:`cell_anchors`.
+        level_strides: the stride in pixels of each level (2^l for P_l), lowest level first; None
+            places cells at ``padded_size // grid`` as torchvision does (module doc).
+
+    Raises ``ValueError`` when ``level_strides`` does not give one stride per size.
     """
 
-    def __init__(self, *, sizes: Sequence[float], scales: Sequence[float], ratios: Sequence[float]):
+    def __init__(
+        self,
+        *,
+        sizes: Sequence[float],
+        scales: Sequence[float],
+        ratios: Sequence[float],
+        level_strides: Optional[Sequence[int]] = None,
+    ):
         super().__init__()
         self.sizes = list(sizes)
+        if level_strides is not None and len(level_strides) != len(self.sizes):
+            raise ValueError(f"level_strides needs one stride per level ({len(self.sizes)}), got {list(level_strides)}")
+        self.level_strides = None if level_strides is None else [int(s) for s in level_strides]
         self.num_anchors_per_location = len(scales) * len(ratios)
         for level, size in enumerate(self.sizes):
             self.register_buffer(f"cell_{level}", cell_anchors(size, scales, ratios), persistent=False)
@@ -71,7 +96,8 @@ class AnchorGenerator(nn.Module):
 
         Returns:
             ``(anchors, counts)``: float32 ``[sum_l H_l*W_l*A, 4]`` xyxy pixels, and the number
-            of anchors of each level. Strides are ``image_size // grid`` (integer division).
+            of anchors of each level. Strides are ``level_strides`` when set, else
+            ``image_size // grid`` (integer division; module doc).
         """
         if len(grids) != len(self.sizes):
             raise ValueError(f"expected {len(self.sizes)} feature maps, got {len(grids)}")
@@ -79,13 +105,18 @@ class AnchorGenerator(nn.Module):
         key = (tuple(image_size), tuple(map(tuple, grids)), str(device))
         if key not in self._cache:
             per_level = [
-                self.level_anchors(level, tuple(grid), (image_size[0] // grid[0], image_size[1] // grid[1]))
+                self.level_anchors(level, tuple(grid), self._stride(level, image_size, grid))
                 for level, grid in enumerate(grids)
             ]
             if len(self._cache) > 64:
                 self._cache.clear()
             self._cache[key] = (torch.cat(per_level), [len(a) for a in per_level])
         return self._cache[key]
+
+    def _stride(self, level: int, image_size: Sequence[int], grid: Sequence[int]) -> tuple[int, int]:
+        if self.level_strides is not None:
+            return self.level_strides[level], self.level_strides[level]
+        return image_size[0] // grid[0], image_size[1] // grid[1]
 
 
 def default_anchor_sizes(min_level: int, max_level: int) -> list[float]:

@@ -39,10 +39,30 @@ def build_backbone(config: RetinaNetConfig) -> nn.Module:
     raise ValueError(f"unknown backbone {name!r}: use resnet18/34/50/101, efficientnet_lite0 or timm:<name>")
 
 
+def build_anchor_generator(config: RetinaNetConfig) -> AnchorGenerator:
+    """The anchors of ``config``: its sizes, scales and ratios on levels min_level..max_level,
+    placed every 2^l px (``anchor_placement="level"``) or as torchvision does ("image")."""
+    strides = None
+    if config.anchor_placement == "level":
+        strides = [2**level for level in range(config.min_level, config.max_level + 1)]
+    return AnchorGenerator(
+        sizes=config.anchor_sizes, scales=config.anchor_scales, ratios=config.anchor_ratios, level_strides=strides
+    )
+
+
+def input_normalization(config: RetinaNetConfig, backbone: nn.Module) -> tuple[list[float], list[float]]:
+    """``(pixel_mean, pixel_std)`` for images in [0, 1]: the config's when set, else the ones the
+    backbone's weights were trained with (``backbone.pixel_mean`` / ``pixel_std``)."""
+    if config.pixel_mean is not None:
+        return list(config.pixel_mean), list(config.pixel_std)
+    return list(backbone.pixel_mean), list(backbone.pixel_std)
+
+
 def build_model(config: RetinaNetConfig) -> RetinaNet:
     """Assemble every piece of the detector from ``config``."""
     config.validate()
     backbone = build_backbone(config)
+    pixel_mean, pixel_std = input_normalization(config, backbone)
     strides = list(backbone.strides)
     in_levels = [s.bit_length() - 1 for s in strides]
     box_coder = BoxCoder(weights=tuple(config.box_weights), scale_clamp=config.box_scale_clamp)
@@ -52,7 +72,7 @@ def build_model(config: RetinaNetConfig) -> RetinaNet:
         backbone=backbone,
         preprocessor=ImagePreprocessor(
             min_size=config.min_size, max_size=config.max_size, size_divisible=config.size_divisible,
-            pixel_mean=config.pixel_mean, pixel_std=config.pixel_std,
+            pixel_mean=pixel_mean, pixel_std=pixel_std,
         ),
         fpn=FeaturePyramid(
             in_channels=backbone.out_channels, in_levels=in_levels, out_channels=config.fpn_channels,
@@ -61,12 +81,10 @@ def build_model(config: RetinaNetConfig) -> RetinaNet:
         ),
         head=RetinaNetHead(
             in_channels=config.fpn_channels, num_anchors=config.num_anchors_per_location,
-            num_logits=config.num_classes + int(softmax), channels=config.head_channels,
+            num_classes=config.num_classes, background_logit=softmax, channels=config.head_channels,
             depth=config.head_depth, norm=config.head_norm, prior_prob=config.prior_prob,
         ),
-        anchor_generator=AnchorGenerator(
-            sizes=config.anchor_sizes, scales=config.anchor_scales, ratios=config.anchor_ratios
-        ),
+        anchor_generator=build_anchor_generator(config),
         criterion=RetinaNetCriterion(
             num_classes=config.num_classes,
             matcher=AnchorMatcher(

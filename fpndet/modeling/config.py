@@ -21,6 +21,7 @@ EFFICIENTNET_LITE0_STD = (0.5, 0.5, 0.5)
 CLS_LOSSES = ("sigmoid_focal", "softmax_focal", "bce", "balanced_bce", "focal_star")
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
 LOSS_NORMALIZATIONS = ("batch", "per_image")
+ANCHOR_PLACEMENTS = ("level", "image")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class RetinaNetConfig:
     p6_input: str = "c5"
 
     # Anchors (§4 "Anchors"): one size per level (P3..P7), A = len(scales) * len(ratios).
+    # anchor_placement: "level" puts P_l's cells every 2^l px (paper, detectron2); "image" every
+    # padded_size // grid px (torchvision; differs from 2^l when the padded size is not a
+    # multiple of 2^l). See fpndet.modeling.anchors.
+    anchor_placement: str = "level"
     anchor_sizes: List[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
     anchor_scales: List[float] = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
     anchor_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
@@ -84,11 +89,15 @@ class RetinaNetConfig:
     # Pre-processing (as torchvision's GeneralizedRCNNTransform): resize so the short side is
     # min_size (one chosen at random per image in training when several), long side <= max_size,
     # normalise with mean/std (RGB, images in [0, 1]), pad to a multiple of size_divisible.
+    # Several min_size values are multi-scale training: the model draws one per image where it
+    # resizes (torchvision's convention); evaluation uses the last one.
+    # pixel_mean/std None: the normalisation the backbone's weights were trained with (ImageNet
+    # for torchvision ResNets, [-1, 1] for EfficientNet-Lite0, timm's pretrained_cfg for timm).
     min_size: List[int] = field(default_factory=lambda: [800])
     max_size: int = 1333
     size_divisible: int = 32
-    pixel_mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    pixel_std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    pixel_mean: Optional[List[float]] = None
+    pixel_std: Optional[List[float]] = None
 
     # Inference (§4.1): per level score threshold and top-k, class-wise NMS, detections kept.
     score_thresh: float = 0.05
@@ -116,7 +125,10 @@ class RetinaNetConfig:
              "anchor_sizes needs one size per pyramid level"),
             (0.0 < self.prior_prob < 1.0, "prior_prob must be in (0, 1)"),
             (self.background_iou <= self.foreground_iou, "background_iou must be <= foreground_iou"),
-            (len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean/std need 3 values"),
+            (self.anchor_placement in ANCHOR_PLACEMENTS, f"anchor_placement must be one of {ANCHOR_PLACEMENTS}"),
+            ((self.pixel_mean is None) == (self.pixel_std is None), "set both pixel_mean and pixel_std, or neither"),
+            (self.pixel_mean is None or self.pixel_std is None or (len(self.pixel_mean) == 3 and len(self.pixel_std) == 3),
+             "pixel_mean/std need 3 values"),
             (len(self.min_size) >= 1, "min_size needs at least one value"),
         ]
         for ok, message in checks:
@@ -132,11 +144,17 @@ class RetinaNetConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RetinaNetConfig":
-        """Build from a plain dict, rejecting unknown keys (``ValueError`` names them)."""
+        """Build from a plain dict, rejecting unknown keys (``ValueError`` names them).
+
+        A dict without ``anchor_placement`` was written before that field existed, when anchors
+        were always placed as torchvision places them: it gets ``"image"``, so older checkpoints
+        rebuild the model they were trained as.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"RetinaNetConfig: unknown fields {unknown}")
+        values = {"anchor_placement": "image", **values}
         return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()})
 
     def replace(self, **changes: Any) -> "RetinaNetConfig":
@@ -150,10 +168,12 @@ def retinanet_r50_fpn(num_classes: int = 80) -> RetinaNetConfig:
 
 def retinanet_r50_fpn_tv(num_classes: int = 91) -> RetinaNetConfig:
     """torchvision's ``retinanet_resnet50_fpn``: P6 from P5, L1 box loss, per-image normalisation,
-    300 detections, labels are COCO category ids (91 logits)."""
+    300 detections, anchors placed as torchvision places them, ImageNet normalisation whatever
+    the backbone, labels are COCO category ids (91 logits)."""
     return RetinaNetConfig(
         num_classes=num_classes, p6_input="p5", box_loss="l1", loss_normalization="per_image",
-        detections_per_image=300,
+        detections_per_image=300, anchor_placement="image",
+        pixel_mean=list(IMAGENET_MEAN), pixel_std=list(IMAGENET_STD),
     )
 
 
@@ -171,10 +191,10 @@ def retinanet_r18_fpn_cpu(num_classes: int = 80) -> RetinaNetConfig:
 
 
 def retinanet_lite0_fpn_cpu(num_classes: int = 80) -> RetinaNetConfig:
-    """A CPU-sized EfficientNet-Lite0 RetinaNet, initialised from the local ImageNet checkpoint."""
+    """A CPU-sized EfficientNet-Lite0 RetinaNet, initialised from the local ImageNet checkpoint
+    (inputs normalised to [-1, 1], the backbone's own normalisation)."""
     return retinanet_r18_fpn_cpu(num_classes).replace(
         backbone="efficientnet_lite0", backbone_weights="imagenet", trainable_stages=3,
-        pixel_mean=list(EFFICIENTNET_LITE0_MEAN), pixel_std=list(EFFICIENTNET_LITE0_STD),
     )
 
 

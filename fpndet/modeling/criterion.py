@@ -150,7 +150,9 @@ class RetinaNetCriterion(nn.Module):
 
         Under DistributedDataParallel (``torch.distributed`` initialised with world size W > 1,
         module in training mode, autograd on), "batch" divides by ``max(N, 1) / W`` where N is the
-        foreground count of the *global* batch (one all-reduce of the count, as detectron2 does).
+        foreground count of the *global* batch (one all-reduce of the count per step, as DETR
+        normalises by ``num_boxes``; detectron2's RetinaNet instead divides by an exponential
+        moving average of the all-reduced count, ``loss_normalizer``, momentum 0.9).
         DDP averages the W gradients, so the result is exactly the gradient of the global batch's
         loss ``sum_all / max(N, 1)``; each process's loss value is then W times its share, and the
         mean of the W values is the global-batch loss. "per_image" needs no communication: with

@@ -16,8 +16,7 @@ from fpndet.data.records import ImageRecord
 from fpndet.engine import inspect as inspect_module
 from fpndet.engine.plots import PALETTE
 from fpndet.engine.inspect import box_coverage, image_anchors, input_geometry, inspect_dataset, pyramid_grids
-from fpndet.modeling.anchors import AnchorGenerator
-from fpndet.modeling.build import build_model
+from fpndet.modeling.build import build_anchor_generator, build_model
 from fpndet.modeling.config import RetinaNetConfig
 from fpndet.modeling.matcher import AnchorMatcher
 
@@ -87,7 +86,7 @@ def test_image_anchors_are_the_models_anchors():
     padded = (224, 352)  # 352 / 64 = 5.5: P6 and P7 grids are rounded up
     with torch.no_grad():
         outputs = model.head_outputs(torch.zeros(1, 3, *padded))
-    generator = AnchorGenerator(sizes=cfg.anchor_sizes, scales=cfg.anchor_scales, ratios=cfg.anchor_ratios)
+    generator = build_anchor_generator(cfg)
     anchors = image_anchors(generator, padded, cfg)
     assert torch.equal(anchors.boxes, outputs.anchors)
     counts = torch.bincount(anchors.level).tolist()
@@ -97,7 +96,7 @@ def test_image_anchors_are_the_models_anchors():
 
 def test_box_equal_to_an_anchor_is_covered_at_its_level():
     cfg = _config()
-    generator = AnchorGenerator(sizes=cfg.anchor_sizes, scales=cfg.anchor_scales, ratios=cfg.anchor_ratios)
+    generator = build_anchor_generator(cfg)
     anchors = image_anchors(generator, (256, 256), cfg)
     coverage = box_coverage(torch.tensor([BOX_P4, BOX_P5, BOX_P3_TALL, BOX_4PX], dtype=torch.float32), anchors,
                             foreground_iou=0.5)
@@ -111,7 +110,7 @@ def test_box_equal_to_an_anchor_is_covered_at_its_level():
 
 def test_small_anchor_sizes_cover_a_4px_box():
     cfg = _config(anchor_sizes=[4.0, 8.0, 16.0, 32.0, 64.0])
-    generator = AnchorGenerator(sizes=cfg.anchor_sizes, scales=cfg.anchor_scales, ratios=cfg.anchor_ratios)
+    generator = build_anchor_generator(cfg)
     anchors = image_anchors(generator, (256, 256), cfg)
     coverage = box_coverage(torch.tensor([BOX_4PX], dtype=torch.float32), anchors, foreground_iou=0.5)
     assert float(coverage.best_iou[0]) == 1.0 and int(coverage.best_level[0]) == 0
@@ -160,7 +159,7 @@ def test_inspect_dataset_summary_on_hand_made_boxes(tmp_path):
     assert report["size_buckets"] == {"small": 2, "medium": 1, "large": 1}  # 4, 31.8 | 64 | 128 px
 
     # Mean foreground anchors per box equals the strict matcher's positives, image by image.
-    generator = AnchorGenerator(sizes=cfg.anchor_sizes, scales=cfg.anchor_scales, ratios=cfg.anchor_ratios)
+    generator = build_anchor_generator(cfg)
     anchors = image_anchors(generator, (256, 256), cfg).boxes
     counts = torch.cat([
         _brute_force_fg_counts(torch.tensor([BOX_P4, BOX_P5], dtype=torch.float32), anchors, 0.5),
@@ -199,7 +198,7 @@ def test_small_anchor_sizes_fix_coverage_of_the_4px_box(tmp_path):
 
 def test_iou_blocks_give_the_same_answer(monkeypatch):
     cfg = _config()
-    generator = AnchorGenerator(sizes=cfg.anchor_sizes, scales=cfg.anchor_scales, ratios=cfg.anchor_ratios)
+    generator = build_anchor_generator(cfg)
     anchors = image_anchors(generator, (256, 256), cfg)
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 200, size=(30, 2))

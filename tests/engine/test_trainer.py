@@ -21,10 +21,10 @@ TOTAL_STEPS = 6  # 16 images / batch 4 = 4 steps per epoch: the run ends half-wa
 def tiny_config(out_dir: Path, *overrides: str):
     """A CPU-sized experiment: 16 synthetic 128 px training images, ResNet-18 (random init),
     32-channel FPN/heads, multi-scale (the preprocessor draws the short side from Python's
-    ``random``; the augmentation rescales and flips under torch's RNG), 6 SGD steps, cosine."""
+    ``random``; the augmentation flips under torch's RNG), 6 SGD steps, cosine."""
     return load_config(None, [
         "data.train=shapes", "data.shapes_train_images=16", "data.shapes_val_images=8",
-        "data.shapes_image_size=128", "data.num_workers=0", "data.scale_range=[96,128]",
+        "data.shapes_image_size=128", "data.num_workers=0",
         "model.backbone=resnet18", "model.fpn_channels=32", "model.head_channels=32", "model.head_depth=1",
         "model.min_size=[96,128]", "model.max_size=128", "model.anchor_sizes=[16,32,64,128,256]",
         "train.batch_size=4", f"train.output_dir={out_dir}", "train.log_every=1", "train.warmup_iters=2",
@@ -188,3 +188,25 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path, monkeypatch):
     }
     with pytest.raises(TrainingDiverged, match=r"at step 1 .*no checkpoint was written yet"):
         trainer.fit()
+
+
+def test_multi_scale_training_feeds_the_network_several_sizes(tmp_path):
+    """model.min_size with several values: the network sees images of each size during training
+    (draws happen where the model resizes, so nothing resizes them back)."""
+    cfg = tiny_config(tmp_path / "run", "model.min_size=[64,96,128]", "train.max_iters=8")
+    trainer = Trainer(cfg)
+    seen = []
+    trainer.model.preprocessor.register_forward_hook(lambda module, args, batch: seen.append(
+        (module.training, [h for h, _ in batch.image_sizes], tuple(batch.tensor.shape[-2:]))))
+    trainer.fit()
+    training = [(heights, padded) for is_training, heights, padded in seen if is_training]
+    assert len(training) == 8
+    assert {h for heights, _ in training for h in heights} == {64, 96, 128}  # the shapes images are 128 px squares
+    assert len({padded for _, padded in training}) >= 2  # and the network's input size changes
+
+
+def test_removed_scale_range_option_is_refused_with_its_replacement():
+    from fpndet.errors import InputError
+
+    with pytest.raises(InputError, match=r"model.min_size=\[640,672"):
+        load_config(None, ["data.scale_range=[640,800]"])

@@ -221,7 +221,7 @@ def test_finetuning_load_skips_only_the_classifier():
 
 
 def test_head_initialisation():
-    head = RetinaNetHead(in_channels=64, num_anchors=9, num_logits=80, channels=64, depth=4, norm="group")
+    head = RetinaNetHead(in_channels=64, num_anchors=9, num_classes=80, channels=64, depth=4, norm="group")
     assert len(head.cls_tower) == 4 and isinstance(head.cls_tower[0][1], torch.nn.GroupNorm)
     assert head.cls_tower[0][0].bias is None
     assert abs(float(head.cls_logits.weight.detach().std()) - 0.01) < 0.002
@@ -286,3 +286,78 @@ def test_from_torchvision_downloads_published_weights_through_the_hub(monkeypatc
     # and the same weights read from the local file
     local = torchvision_compat.from_torchvision(saved, arch="retinanet_resnet50_fpn_v2")
     assert torch.equal(local.fpn.extra_convs[0].weight, reference.backbone.fpn.extra_blocks.p6.weight)
+
+
+# --- review fixes (issue 7): softmax prior, anchor strides, backbone normalisation -------------
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 80])
+def test_softmax_head_starts_as_background_with_probability_one_minus_prior(num_classes):
+    """§3.3: every anchor starts as background with p = 1 - π, also with K+1 softmax logits."""
+    torch.manual_seed(0)
+    head = RetinaNetHead(in_channels=32, num_anchors=9, num_classes=num_classes, background_logit=True,
+                         channels=32, depth=1, prior_prob=0.01)
+    with torch.no_grad():  # the bias alone (features of zeros) gives the initial probabilities exactly
+        cls, _ = head([torch.zeros(1, 32, 4, 4)])
+    probs = cls.softmax(-1)
+    assert cls.shape == (1, 4 * 4 * 9, num_classes + 1)
+    assert torch.allclose(probs[..., num_classes], torch.full_like(probs[..., 0], 0.99), atol=1e-6)
+    assert torch.allclose(probs[..., :num_classes], torch.full_like(probs[..., :num_classes], 0.01 / num_classes))
+    # with random features the start stays near the prior, far from 1/(K+1)
+    cls, _ = head([torch.randn(1, 32, 8, 8)])
+    assert abs(float(cls.softmax(-1)[..., num_classes].mean()) - 0.99) < 0.005
+
+
+def test_softmax_focal_model_starts_with_a_small_classification_loss():
+    """With the prior, the first softmax focal loss is as small as the sigmoid one (not ~K times more)."""
+    torch.manual_seed(0)
+    images, targets = sample_batch()
+    losses = {}
+    for cls_loss in ("sigmoid_focal", "softmax_focal"):
+        torch.manual_seed(0)
+        model = build_model(tiny(num_classes=80, cls_loss=cls_loss)).train()
+        targets80 = [dict(t) for t in targets]
+        losses[cls_loss] = float(model(images, targets80)["loss_cls"])
+    assert losses["softmax_focal"] < 3 * losses["sigmoid_focal"]
+
+
+def test_anchor_strides_are_two_to_the_level_by_default():
+    """An 800x1216 input: P7 anchors every 128 px (paper, detectron2), not (114, 121) (torchvision)."""
+    config = tiny(min_level=3, max_level=7)
+    grids = [(math.ceil(800 / 2**l), math.ceil(1216 / 2**l)) for l in range(3, 8)]
+    exact = build_model(config).anchor_generator
+    anchors, counts = exact((800, 1216), grids)
+    p7 = anchors[-counts[-1]:].view(grids[-1][0], grids[-1][1], 9, 4)
+    centres = (p7[..., :2] + p7[..., 2:]) / 2
+    assert torch.equal(centres[0, 1, 4] - centres[0, 0, 4], torch.tensor([128.0, 0.0]))
+    assert float(centres[-1, 0, 4, 1]) == 128.0 * (grids[-1][0] - 1)  # last row at 768, inside the 800 px image
+    tv_like = build_model(config.replace(anchor_placement="image")).anchor_generator
+    anchors_tv, _ = tv_like((800, 1216), grids)
+    p7_tv = anchors_tv[-counts[-1]:].view(grids[-1][0], grids[-1][1], 9, 4)
+    assert float(p7_tv[0, 1, 4, 0] - p7_tv[0, 0, 4, 0]) == 1216 // 10 == 121
+    assert float(p7_tv[1, 0, 4, 1] - p7_tv[0, 0, 4, 1]) == 800 // 7 == 114
+    # 84 px between the two placements on the last row
+    assert float(p7[-1, 0, 4, 1] - p7_tv[-1, 0, 4, 1]) == 768 - 114 * 6 == 84
+
+
+def test_torchvision_presets_keep_torchvision_anchor_placement_and_old_checkpoints_too():
+    assert named_config("retinanet_r50_fpn_tv").anchor_placement == "image"
+    assert named_config("retinanet_r50_fpn_v2_tv").anchor_placement == "image"
+    assert named_config("retinanet_r50_fpn").anchor_placement == "level"
+    written_before = {k: v for k, v in tiny().to_dict().items() if k != "anchor_placement"}
+    assert RetinaNetConfig.from_dict(written_before).anchor_placement == "image"
+
+
+def test_normalisation_follows_the_backbone_unless_the_config_sets_it():
+    """A timm backbone trained on [-1, 1] inputs is fed [-1, 1] inputs, not ImageNet-normalised ones."""
+    timm_cfg = tiny(backbone="timm:tf_efficientnet_lite0")
+    model = build_model(timm_cfg)
+    assert model.backbone.pixel_mean == (0.5, 0.5, 0.5)
+    assert model.preprocessor.pixel_mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    assert model.preprocessor.pixel_std.flatten().tolist() == [0.5, 0.5, 0.5]
+    resnet = build_model(tiny())
+    assert torch.allclose(resnet.preprocessor.pixel_mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    forced = build_model(timm_cfg.replace(pixel_mean=[0.1, 0.2, 0.3], pixel_std=[1.0, 1.0, 1.0]))
+    assert torch.allclose(forced.preprocessor.pixel_mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+    with pytest.raises(ValueError, match="pixel_mean"):
+        tiny(pixel_mean=[0.1, 0.2, 0.3])
