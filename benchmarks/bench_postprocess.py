@@ -41,8 +41,8 @@ def fpndet_postprocessor() -> DetectionPostprocessor:
     """fpndet's post-processor with the settings of torchvision's retinanet_resnet50_fpn."""
     config = retinanet_r50_fpn_tv(NUM_CLASSES)
     return DetectionPostprocessor(
-        box_coder=BoxCoder(weights=tuple(config.box_weights), scale_clamp=config.box_scale_clamp),
-        score_thresh=config.score_thresh, topk_candidates=config.topk_candidates,
+        box_coder=BoxCoder(weights=tuple(config.retinanet.box_weights), scale_clamp=config.box_scale_clamp),
+        score_thresh=config.score_thresh, topk_candidates=config.retinanet.topk_candidates,
         nms_thresh=config.nms_thresh, detections_per_image=config.detections_per_image,
     )
 

@@ -26,7 +26,7 @@ from torch import Tensor
 import fpndet
 from fpndet.modeling.build import build_anchor_generator
 from fpndet.modeling.box_coder import BoxCoder
-from fpndet.modeling.config import RetinaNetConfig, retinanet_r50_fpn_tv
+from fpndet.modeling.config import ModelConfig, retinanet_r50_fpn_tv
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -222,7 +222,7 @@ def feature_grids(padded: tuple[int, int], min_level: int = 3, max_level: int = 
 
 
 def fpndet_anchors(image_size: tuple[int, int], device: torch.device,
-                   config: Optional[RetinaNetConfig] = None) -> tuple[Tensor, list[int]]:
+                   config: Optional[ModelConfig] = None) -> tuple[Tensor, list[int]]:
     """fpndet's anchors (equal to torchvision's) for a padded batch of ``image_size`` (h, w):
     float32 ``[A, 4]`` xyxy pixels and the per-level counts."""
     config = config or retinanet_r50_fpn_tv()

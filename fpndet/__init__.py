@@ -1,11 +1,13 @@
-"""fpndet: feature-pyramid object detection (RetinaNet on FPN) in PyTorch.
+"""fpndet: feature-pyramid object detection (RetinaNet, Faster R-CNN and RPN on FPN) in PyTorch.
 
-Main entry points: :func:`build_model` with a :class:`RetinaNetConfig` (or :func:`named_config`),
-:func:`from_torchvision` for torchvision checkpoints, :func:`load_detector` for fpndet run
-folders and checkpoints, and the ``fpndet`` command (:mod:`fpndet.cli`).
+Main entry points: :func:`build_model` with a :class:`ModelConfig` (or :func:`named_config`;
+``arch`` chooses RetinaNet, Faster R-CNN, an RPN or Fast R-CNN), :func:`from_torchvision` for
+torchvision checkpoints, :func:`load_detector` for fpndet run folders and checkpoints, and the
+``fpndet`` command (:mod:`fpndet.cli`).
 """
 from .modeling.build import build_model
-from .modeling.config import RetinaNetConfig, named_config
+from .modeling.config import ModelConfig, named_config
+from .modeling.faster_rcnn import FasterRCNN
 from .modeling.retinanet import RetinaNet
 from .modeling.torchvision_compat import from_torchvision
 
@@ -19,4 +21,5 @@ def load_detector(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["RetinaNet", "RetinaNetConfig", "build_model", "from_torchvision", "load_detector", "named_config"]
+__all__ = ["FasterRCNN", "ModelConfig", "RetinaNet", "build_model", "from_torchvision", "load_detector",
+           "named_config"]

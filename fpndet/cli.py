@@ -1,7 +1,7 @@
 """The ``fpndet`` command: train, eval, predict, inspect.
 
 Every option has ``--help``. Config values are set with dotted overrides after the options,
-e.g. ``fpndet train --config raccoon model.head_depth=2 train.epochs=5``. Bad input prints one
+e.g. ``fpndet train --config raccoon model.retinanet.head_depth=2 train.epochs=5``. Bad input prints one
 message naming the file and exits with status 2 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="where metrics.json, detections.json and plots go (default: <weights dir>/eval)")
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
-    ev.add_argument("--score-thresh", type=float, default=None, help="override the model's score threshold")
+    ev.add_argument("--score-thresh", type=float, default=None,
+                    help="override the model's score threshold (default: the model's own, 0.05 for fpndet and "
+                         "torchvision models; COCO AP wants a low threshold)")
     _add_common(ev)
 
     pr = sub.add_parser("predict", help="detect objects in images")
@@ -107,22 +109,28 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data.detect import open_dataset
-    from .engine.evaluation import format_metrics_table, format_per_class_table
+    from .engine.evaluation import format_metrics_table, format_per_class_table, match_model_classes
     from .engine.inference import evaluate_detections, run_inference
     from .engine.model_io import load_detector, weights_file
     from .engine.trainer import resolve_device
 
     device = resolve_device(args.device)
-    model, _ = load_detector(args.weights, device=device, overrides={"score_thresh": args.score_thresh})
+    model, class_names = load_detector(args.weights, device=device, overrides={"score_thresh": args.score_thresh},
+                                       named_only=True)
     dataset = open_dataset(args.data, split=args.split, format=args.format)
-    if dataset.num_classes != model.config.num_classes:
-        print(f"warning: the dataset has {dataset.num_classes} classes, the model {model.config.num_classes}", file=sys.stderr)
+    # Refused before the (long) inference when the model's classes do not cover the dataset's.
+    match_model_classes(class_names, dataset.class_names, num_model_classes=model.config.num_classes,
+                        source=weights_file(args.weights))
+    if class_names is None:
+        print(f"note: {weights_file(args.weights)} names no classes: its labels are taken as the dataset's "
+              f"classes in order ({', '.join(dataset.class_names)})", file=sys.stderr)
     out = Path(args.output) if args.output else weights_file(args.weights).parent / "eval"
     start = time.perf_counter()
     detections, gts = run_inference(model, dataset, batch_size=args.batch_size, device=device,
                                     max_images=args.max_images, progress=True)
     seconds = time.perf_counter() - start
-    report = evaluate_detections(dataset, detections, gts, out_dir=out)
+    report = evaluate_detections(dataset, detections, gts, out_dir=out, model_class_names=class_names,
+                                 model_source=weights_file(args.weights))
     print(format_metrics_table(report["metrics"]))
     print(format_per_class_table(report["per_class_ap"], report["per_class_ap50"]))
     print(f"{len(detections)} images in {seconds:.1f} s ({1000 * seconds / max(1, len(detections)):.0f} ms/image); results in {out}")

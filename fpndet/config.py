@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import InputError
-from .modeling.config import NAMED_CONFIGS, RetinaNetConfig
+from .modeling.config import NAMED_CONFIGS, ModelConfig, RetinaNetConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -74,14 +74,23 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """The trainer's evaluations on the validation set (``fpndet eval`` has its own options).
+
+    ``score_thresh``: the post-processor's minimum score while evaluating (the model keeps its
+    own ``model.score_thresh`` for prediction and in its checkpoint); None: the model's. 0.05 as
+    in the paper (§4.1), torchvision (``score_thresh``) and detectron2 (``SCORE_THRESH_TEST``):
+    COCO AP integrates precision over all recall levels and wants low-scoring detections too.
+    ``max_images``: evaluate on the first N validation images only.
+    """
+
     batch_size: int = 8
-    score_thresh: float = 0.05
+    score_thresh: Optional[float] = 0.05
     max_images: Optional[int] = None
 
 
 @dataclass
 class ExperimentConfig:
-    model: RetinaNetConfig = field(default_factory=RetinaNetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -126,7 +135,7 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
     except OmegaConfBaseException as err:
         raise InputError(source, f"invalid config: {err}".splitlines()[0]) from None
     try:
-        RetinaNetConfig.from_dict(OmegaConf.to_container(merged.model))
+        ModelConfig.from_dict(OmegaConf.to_container(merged.model))
     except ValueError as err:
         raise InputError(source, str(err)) from None
     return merged
@@ -140,10 +149,17 @@ REMOVED_KEYS = {
 
 
 def _reject_removed_keys(layer: DictConfig, source: str) -> None:
+    """Removed and moved keys get a message saying what replaces them (OmegaConf would only say
+    that the key is unknown)."""
     data = layer.get("data") if isinstance(layer, DictConfig) else None
     for key, message in REMOVED_KEYS.items():
         if data is not None and key in data:
             raise InputError(source, message)
+    model = layer.get("model") if isinstance(layer, DictConfig) else None
+    moved = sorted(set(model or ()) & set(RetinaNetConfig.__dataclass_fields__))
+    if moved:
+        raise InputError(source, f"model.{moved[0]} moved to model.retinanet.{moved[0]} (the RetinaNet section; "
+                         "two-stage settings are in model.rpn and model.roi_heads)")
 
 
 def _apply_model_preset(layer: DictConfig) -> DictConfig:
@@ -158,8 +174,8 @@ def _apply_model_preset(layer: DictConfig) -> DictConfig:
     return layer
 
 
-def model_config(cfg: DictConfig) -> RetinaNetConfig:
-    return RetinaNetConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+def model_config(cfg: DictConfig) -> ModelConfig:
+    return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

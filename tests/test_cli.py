@@ -23,7 +23,7 @@ from fpndet.modeling.config import named_config
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["cat", "dog"]
 TINY_MODEL = ["model.backbone=resnet18", "model.min_size=[96]", "model.max_size=128", "model.fpn_channels=16",
-              "model.head_channels=16", "model.head_depth=1"]
+              "model.retinanet.head_channels=16", "model.retinanet.head_depth=1"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised 2-class ResNet-18 RetinaNet (128 px) saved as fpndet writes it."""
     torch.manual_seed(0)
     cfg = named_config("retinanet_r18_fpn_cpu", num_classes=2, min_size=[128], max_size=160,
-                       fpn_channels=32, head_channels=32, head_depth=1)
+                       fpn_channels=32, retinanet={"head_channels": 32, "head_depth": 1})
     model = build_model(cfg)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_model_weights(path, model.state_dict(), config=cfg.to_dict(), metadata={"class_names": CLASS_NAMES})
@@ -332,6 +332,53 @@ def test_eval_prints_metrics_and_writes_files(checkpoint, tmp_path, capsys):
                  "--score-thresh", "0.0", "--max-images", "2", "--device", "cpu"])
     assert code == 0 and "2 images in" in capsys.readouterr().out
     assert {d["image_id"] for d in json.loads((tmp_path / "two" / "detections.json").read_text())} == {1, 2}
+
+
+def test_eval_torchvision_checkpoint_on_coco_writes_its_labels_as_category_ids(coco128_dir, tmp_path, capsys):
+    """A torchvision COCO model predicts category ids: label 1 (person) must be written as category
+    1, not as the dataset's label 1 (bicycle, category 2); label 84 (book) must not crash."""
+    tv = pytest.importorskip("torchvision.models.detection")
+    from fpndet.engine.model_io import load_detector
+
+    torch.manual_seed(0)
+    weights = tmp_path / "tv.pth"
+    reference = tv.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    with torch.no_grad():  # labels 1 (person), 12 (unused id, "N/A"), 84 (book) and 90 (toothbrush) fire
+        reference.head.classification_head.cls_logits.bias.view(9, 91)[:, [1, 12, 84, 90]] = 2.0
+    torch.save(reference.state_dict(), weights)
+    out = tmp_path / "eval"
+    code = main(["eval", "--weights", str(weights), "--data", str(coco128_dir / "annotations" / "instances.json"),
+                 "--max-images", "1", "--score-thresh", "0.0", "--output", str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    written = json.loads((out / "detections.json").read_text())
+    model, names = load_detector(weights, overrides={"score_thresh": 0.0})
+    image, _ = open_dataset(str(coco128_dir / "annotations" / "instances.json"), split="val")[0]
+    with torch.no_grad():
+        raw = model([image.float() / 255])[0]
+    coco_ids = {c["id"] for c in json.loads((coco128_dir / "annotations" / "instances.json").read_text())["categories"]}
+    expected = sorted((label, round(score, 5)) for label, score in zip(raw["labels"].tolist(), raw["scores"].tolist())
+                      if label in coco_ids)
+    assert {label for label, _ in expected} == {1, 84, 90} and 12 in raw["labels"].tolist()
+    assert sorted((d["category_id"], d["score"]) for d in written) == expected
+
+
+def test_eval_refuses_a_model_whose_classes_do_not_cover_the_dataset(checkpoint, raccoon_dir, tmp_path, capsys):
+    code = main(["eval", "--weights", str(checkpoint), "--data", str(raccoon_dir), "--output", str(tmp_path / "e"),
+                 "--device", "cpu"])
+    line = assert_one_error(capsys, "eval", code, str(checkpoint), "cat, dog", "raccoon")
+    assert "warning" not in line
+    assert not (tmp_path / "e").exists()
+
+
+def test_train_evaluation_applies_eval_score_thresh(tmp_path, capsys):
+    """``eval.score_thresh`` is the post-processor's threshold during the trainer's evaluation."""
+    run = tmp_path / "run"
+    assert main(["train", "--output", str(run), "train.max_iters=2", *TRAIN_ARGS, "eval.score_thresh=0.0",
+                 "model.detections_per_image=7"]) == 0
+    capsys.readouterr()
+    detections = json.loads((run / "eval" / "detections.json").read_text())
+    assert len(detections) == 8 * 7  # threshold 0: every validation image keeps its 7 best
+    assert min(d["score"] for d in detections) < 0.05  # below the model's own threshold
 
 
 TRAIN_ARGS = ["data.shapes_train_images=16", "data.shapes_val_images=8", "train.batch_size=4", "data.num_workers=0",

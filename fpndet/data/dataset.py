@@ -112,12 +112,16 @@ class DetectionDataset(Dataset):
     def to_coco(self) -> dict[str, list[dict[str, Any]]]:
         """COCO-format ground truth of the whole dataset, for pycocotools evaluation.
 
+        This default builds it from the records (boxes as checked and clipped); formats with
+        their own evaluation ground truth override it (COCO files: the file's annotations with
+        their mask ``area``; VOC: ``difficult`` instead of crowd).
+
         Returns:
             ``{"images", "annotations", "categories"}``: images carry ``id``/``file_name``/
             ``height``/``width``; annotations carry ``id`` (``1..M``; pycocotools treats id 0
             as "unmatched"), ``image_id``, ``category_id`` (see ``label_to_category_id``),
-            ``bbox`` ``[x, y, w, h]`` pixels, ``area = w * h`` and ``iscrowd`` (1 for ignore
-            regions).
+            ``bbox`` ``[x, y, w, h]`` pixels, ``area = w * h`` (the box area: these formats have
+            no masks) and ``iscrowd`` (1 for ignore regions).
         """
         images, annotations = [], []
         for index in range(len(self)):

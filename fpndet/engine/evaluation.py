@@ -11,6 +11,13 @@ Classes Challenge", IJCV 2010, Sec. 4.2): greedy matching in descending score or
 "difficult" objects ignored, all-point interpolated AP (VOC2010 and later) or the 11-point
 interpolated AP of VOC2007.
 
+VOC "difficult" objects in the COCO metrics: a ground-truth annotation with ``"difficult": 1``
+is treated as the devkit treats it, not as a COCO crowd region (see :class:`CocoEvaluator`).
+
+Model labels and dataset labels: a model's label ``i`` means its class ``model_class_names[i]``;
+:func:`match_model_classes` maps it by name to the dataset's label (e.g. torchvision's COCO
+models predict category ids, named with :data:`fpndet.engine.model_io.TORCHVISION_COCO_CATEGORIES`).
+
 All boxes are ``(x1, y1, x2, y2)`` in absolute pixels unless a docstring says otherwise
 (pycocotools' own formats use ``[x, y, width, height]``).
 """
@@ -29,6 +36,7 @@ import torch
 from torchvision.ops import box_iou
 
 from fpndet.engine.checkpoints import atomic_write_bytes
+from fpndet.errors import InputError
 
 COCO_METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
@@ -45,6 +53,10 @@ _METRIC_DESCRIPTIONS = {
     "ARs": "AR  @[IoU=0.50:0.95 | area= small | maxDets=100]",
     "ARm": "AR  @[IoU=0.50:0.95 | area=medium | maxDets=100]",
     "ARl": "AR  @[IoU=0.50:0.95 | area= large | maxDets=100]",
+    "AR1000": "AR  @[IoU=0.50:0.95 | area=   all | proposals=1000]",
+    "ARs1000": "AR  @[IoU=0.50:0.95 | area= small | proposals=1000]",
+    "ARm1000": "AR  @[IoU=0.50:0.95 | area=medium | proposals=1000]",
+    "ARl1000": "AR  @[IoU=0.50:0.95 | area= large | proposals=1000]",
 }
 
 # pycocotools marks "undefined" (no ground truth in that category / area range) with -1.
@@ -104,6 +116,112 @@ def detections_to_coco_results(
     return results
 
 
+# Placeholder names of unused label ids (torchvision's COCO list): never matched to a dataset class.
+PLACEHOLDER_CLASS_NAMES = frozenset({"__background__", "N/A"})
+
+
+def match_model_classes(
+    model_class_names: Sequence[str] | None,
+    dataset_class_names: Sequence[str],
+    *,
+    num_model_classes: int | None = None,
+    source: str | os.PathLike | None = None,
+) -> list[int] | None:
+    """How a model's labels become a dataset's contiguous labels, by class name.
+
+    Args:
+        model_class_names: name of each model label ``0..K_model-1``; None for a model that
+            names no classes: its labels are then taken as the dataset's labels, which requires
+            ``num_model_classes == len(dataset_class_names)``.
+        dataset_class_names: name of each dataset label ``0..K-1``.
+        num_model_classes: the model's number of outputs (checked for unnamed models).
+        source: the model's file, named in errors.
+
+    Returns:
+        None when the labels are the same (identical name lists, or an unnamed model of the
+        dataset's size); else a list of length ``K_model`` giving the dataset label of each model
+        label, or -1 for model classes the dataset does not have (their detections are dropped:
+        they cannot be scored). Names ``"__background__"`` and ``"N/A"`` are never matched.
+
+    Raises:
+        InputError(source, ...): a dataset class is not among the model's classes, a dataset
+            class is named by several model labels, or an unnamed model's size differs from the
+            dataset's; the message lists both classes lists.
+    """
+    dataset_class_names = [str(name) for name in dataset_class_names]
+    if model_class_names is None:
+        if num_model_classes is not None and num_model_classes != len(dataset_class_names):
+            raise InputError(
+                source,
+                f"the model names no classes and has {num_model_classes} outputs, but the dataset has "
+                f"{len(dataset_class_names)} classes ({', '.join(dataset_class_names)}): cannot tell which "
+                "output is which class",
+            )
+        return None
+    model_class_names = [str(name) for name in model_class_names]
+    if model_class_names == dataset_class_names:
+        return None
+    wanted = set(dataset_class_names)
+    labels_of: dict[str, list[int]] = {}
+    for label, name in enumerate(model_class_names):
+        if name in wanted and name not in PLACEHOLDER_CLASS_NAMES:
+            labels_of.setdefault(name, []).append(label)
+    missing = [name for name in dataset_class_names if name not in labels_of]
+    repeated = [name for name in dataset_class_names if len(labels_of.get(name, [])) > 1]
+    if missing or repeated:
+        problem = (
+            f"the model does not know the dataset's class(es) {', '.join(missing)}"
+            if missing
+            else f"the model names the class(es) {', '.join(repeated)} more than once"
+        )
+        shown_model = [name for name in model_class_names if name not in PLACEHOLDER_CLASS_NAMES]
+        raise InputError(
+            source,
+            f"{problem}: model classes ({len(shown_model)}): {', '.join(shown_model)}; "
+            f"dataset classes ({len(dataset_class_names)}): {', '.join(dataset_class_names)}",
+        )
+    mapping = [-1] * len(model_class_names)
+    for dataset_label, name in enumerate(dataset_class_names):
+        mapping[labels_of[name][0]] = dataset_label
+    return mapping
+
+
+def remap_detection_labels(
+    detections: Sequence[Mapping[str, torch.Tensor]], mapping: Sequence[int] | None
+) -> list[dict[str, torch.Tensor]]:
+    """Detections with model labels turned into dataset labels (see :func:`match_model_classes`).
+
+    Args:
+        detections: per image ``{"boxes": Tensor[N, 4], "scores": Tensor[N], "labels": int64
+            Tensor[N]}`` with model labels (other keys are dropped from the copies).
+        mapping: dataset label (or -1) of each model label; None: unchanged (the same dicts).
+
+    Returns:
+        Per image the detections whose class the dataset has, labels replaced, order kept.
+
+    Raises:
+        ValueError: a label outside ``[0, len(mapping))``.
+    """
+    if mapping is None:
+        return list(detections)
+    lookup = torch.as_tensor(list(mapping), dtype=torch.int64)
+    remapped = []
+    for detection in detections:
+        labels = detection["labels"].detach().to("cpu", torch.int64).reshape(-1)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(lookup)):
+            raise ValueError(f"model label outside [0, {len(lookup)})")
+        new_labels = lookup[labels]
+        keep = new_labels >= 0
+        remapped.append(
+            {
+                "boxes": detection["boxes"].detach().cpu().reshape(-1, 4)[keep],
+                "scores": detection["scores"].detach().cpu().reshape(-1)[keep],
+                "labels": new_labels[keep],
+            }
+        )
+    return remapped
+
+
 def _build_coco(dataset: dict):
     """A ``pycocotools.coco.COCO`` built from an in-memory dict (no temp file, no prints)."""
     from pycocotools.coco import COCO
@@ -116,7 +234,12 @@ def _build_coco(dataset: dict):
 
 
 def _normalised_ground_truth(coco_gt: Mapping) -> dict:
-    """Shallow copy of a COCO dict with ``area``/``iscrowd``/``id`` filled in where missing."""
+    """Shallow copy of a COCO dict with ``area``/``iscrowd``/``id`` filled in where missing.
+
+    A ``difficult`` (non-crowd) annotation gets ``iscrowd = 1`` here, pycocotools' flag for "an
+    ignored box that any number of detections may match"; :class:`_DevkitDifficultCOCOeval`
+    then scores it by plain IoU instead of crowd IoU.
+    """
     annotations = []
     for index, annotation in enumerate(coco_gt.get("annotations", [])):
         annotation = dict(annotation)
@@ -124,6 +247,10 @@ def _normalised_ground_truth(coco_gt: Mapping) -> dict:
         annotation.setdefault("area", float(w) * float(h))
         annotation.setdefault("iscrowd", 0)
         annotation.setdefault("id", index + 1)
+        if annotation.get("difficult") and not annotation["iscrowd"]:
+            annotation["difficult"], annotation["iscrowd"] = 1, 1
+        else:
+            annotation["difficult"] = 0
         annotations.append(annotation)
     return {
         "info": dict(coco_gt.get("info", {})),
@@ -133,13 +260,57 @@ def _normalised_ground_truth(coco_gt: Mapping) -> dict:
     }
 
 
+def _devkit_difficult_cocoeval():
+    """``COCOeval`` whose ``difficult`` ground truth is matched by IoU (built lazily: pycocotools
+    is imported only when evaluating)."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.cocoeval import COCOeval
+
+    class _DevkitDifficultCOCOeval(COCOeval):
+        """pycocotools' ``COCOeval`` (bbox) with VOC devkit "difficult" objects.
+
+        A ground truth marked ``difficult`` (and ``iscrowd`` 1 by :func:`_normalised_ground_truth`)
+        keeps pycocotools' crowd handling in ``evaluateImg``: it is ignored (``gtIgnore``: an
+        unmatched one is no miss), a detection matched to it is ignored (``dtIgnore``: neither TP
+        nor FP), and it can be matched by any number of detections, like the devkit, which never
+        sets the "detected" flag of a difficult object. Only its overlap differs: plain IoU
+        (``computeIoU`` below) instead of crowd IoU (intersection over the detection's area), so
+        that, as in the devkit, a detection needs IoU >= threshold with it to be ignored.
+        Assignment stays COCO's: a detection takes the best still-free regular box with IoU >=
+        threshold first and falls back to an ignored (crowd or difficult) box.
+        """
+
+        def computeIoU(self, imgId, catId):  # noqa: N802, N803 (pycocotools' names)
+            p = self.params
+            if p.iouType != "bbox" or not p.useCats:
+                return super().computeIoU(imgId, catId)
+            gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
+            if len(gt) == 0 and len(dt) == 0:
+                return []
+            # As pycocotools: detections by descending score (stable), at most maxDets[-1].
+            order = np.argsort([-d["score"] for d in dt], kind="mergesort")
+            dt = [dt[i] for i in order][: p.maxDets[-1]]
+            crowd_iou = [int(g["iscrowd"]) and not g.get("difficult", 0) for g in gt]
+            return mask_utils.iou([d["bbox"] for d in dt], [g["bbox"] for g in gt], crowd_iou)
+
+    return _DevkitDifficultCOCOeval
+
+
 class CocoEvaluator:
     """COCO bounding-box evaluation of results against an in-memory COCO ground truth.
+
+    pycocotools' ``COCOeval`` itself computes every number, so ground truth without
+    ``difficult`` objects gives exactly what ``COCOeval(COCO(file), ...)`` gives on that file.
 
     Args:
         coco_gt: COCO-format dict with ``images``, ``annotations`` (each with ``bbox`` as
             ``[x, y, w, h]`` pixels, ``category_id``, ``image_id``; ``area`` and ``iscrowd``
-            default to ``w * h`` and 0) and ``categories``. It is not modified.
+            default to ``w * h`` and 0; pycocotools' size ranges use ``area``) and
+            ``categories``. It is not modified. An annotation with ``"difficult": 1`` (VOC) is
+            evaluated by the devkit rule (Everingham et al. 2010, Sec. 4.2; devkit
+            ``VOCevaldet.m``): matched by IoU, a detection matched to it is neither a true nor a
+            false positive, any number of detections may match it, and it is no miss when
+            unmatched. Crowd annotations keep pycocotools' crowd rule.
         class_names: display names of the categories in ascending category-id order (the order of
             :attr:`category_ids`); defaults to the categories' ``name`` fields.
 
@@ -176,10 +347,8 @@ class CocoEvaluator:
         Raises:
             ValueError: a result names an image that is not in the ground truth.
         """
-        from pycocotools.cocoeval import COCOeval
-
         coco_dt = self._load_results(results)
-        evaluator = COCOeval(self._coco_gt, coco_dt, iouType="bbox")
+        evaluator = _devkit_difficult_cocoeval()(self._coco_gt, coco_dt, iouType="bbox")
         with contextlib.redirect_stdout(io.StringIO()):
             evaluator.evaluate()
             evaluator.accumulate()
@@ -216,6 +385,64 @@ class CocoEvaluator:
         # loadRes adds keys to each result dict: hand it copies.
         with contextlib.redirect_stdout(io.StringIO()):
             return self._coco_gt.loadRes([dict(r) for r in results])
+
+
+PROPOSAL_METRIC_NAMES = ["AR100", "AR1000", "ARs1000", "ARm1000", "ARl1000"]
+
+
+def proposals_to_coco_results(proposals: Sequence[Mapping[str, torch.Tensor]], image_ids: Sequence[int],
+                              category_id: int) -> list[dict]:
+    """COCO results of class-agnostic proposals: per image ``{"boxes" [N, 4] xyxy pixels,
+    "scores" [N]}`` -> ``{"image_id", "category_id" (the same for all), "bbox" [x, y, w, h],
+    "score"}`` (pycocotools ignores the category when ``useCats=0``)."""
+    results = []
+    for proposal, image_id in zip(proposals, image_ids):
+        boxes = proposal["boxes"].detach().cpu().double().reshape(-1, 4)
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        for bbox, score in zip(xywh, proposal["scores"].detach().cpu().double().reshape(-1).tolist()):
+            results.append({"image_id": int(image_id), "category_id": int(category_id), "bbox": bbox,
+                            "score": float(score)})
+    return results
+
+
+def proposal_recall(coco_gt: Mapping, results: Sequence[Mapping], *,
+                    max_proposals: tuple[int, int] = (100, 1000)) -> dict[str, float]:
+    """Class-agnostic average recall of proposals, the RPN metric of the FPN paper's Table 1
+    (AR@100, AR@1k, and AR_s, AR_m, AR_l at 1k proposals; AR averaged over IoU 0.50:0.05:0.95).
+
+    Computed by pycocotools' ``COCOeval`` itself (``iouType="bbox"``, ``params.useCats = 0``,
+    ``params.maxDets = max_proposals``), read from ``eval["recall"]`` ``[T, 1, A, M]``: crowd
+    regions are ignored as in COCO detection evaluation, small/medium/large by the annotation's
+    ``area``.
+
+    Args:
+        coco_gt: COCO-format ground truth (see :class:`CocoEvaluator`).
+        results: COCO results of the proposals (see :func:`proposals_to_coco_results`).
+        max_proposals: the two proposal counts (100, 1000).
+
+    Returns:
+        ``{"AR100", "AR1000", "ARs1000", "ARm1000", "ARl1000"}`` (with other counts, the names
+        carry those numbers); -1 where no ground truth falls in the size range.
+    """
+    evaluator = CocoEvaluator(coco_gt)
+    coco_dt = evaluator._load_results(results)
+    from pycocotools.cocoeval import COCOeval
+
+    cocoeval = COCOeval(evaluator._coco_gt, coco_dt, iouType="bbox")
+    cocoeval.params.useCats = 0
+    cocoeval.params.maxDets = list(max_proposals)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cocoeval.evaluate()
+        cocoeval.accumulate()
+    recall = cocoeval.eval["recall"]  # [T, K=1, A=(all, small, medium, large), M]
+    few, many = max_proposals
+    return {
+        f"AR{few}": _mean_defined(recall[:, 0, 0, 0]),
+        f"AR{many}": _mean_defined(recall[:, 0, 0, 1]),
+        f"ARs{many}": _mean_defined(recall[:, 0, 1, 1]),
+        f"ARm{many}": _mean_defined(recall[:, 0, 2, 1]),
+        f"ARl{many}": _mean_defined(recall[:, 0, 3, 1]),
+    }
 
 
 def _mean_defined(values: np.ndarray) -> float:

@@ -12,7 +12,17 @@ from torch.utils.data import DataLoader, Subset
 from ..data.formats.voc import VOCDetection
 from ..data.loaders import collate_detection
 from ..data.transforms import build_eval_transforms
-from .evaluation import CocoEvaluator, detections_to_coco_results, format_per_class_table, save_results_json, voc_map50
+from .evaluation import (
+    CocoEvaluator,
+    detections_to_coco_results,
+    format_per_class_table,
+    match_model_classes,
+    proposal_recall,
+    proposals_to_coco_results,
+    remap_detection_labels,
+    save_results_json,
+    voc_map50,
+)
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -33,11 +43,19 @@ def run_inference(
     amp: str = "none",
     max_images: Optional[int] = None,
     progress: bool = False,
+    score_thresh: Optional[float] = None,
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     """Detections (on the CPU, in original-image pixels) and ground truths for every image, in
-    dataset order. The dataset's own transforms are replaced by the evaluation transforms."""
+    dataset order. The dataset's own transforms are replaced by the evaluation transforms.
+
+    ``score_thresh``: the post-processor's score threshold for this run only (the model's own
+    is restored afterwards); None keeps the model's. Detections keep the model's labels.
+    """
+    from .model_io import apply_inference_overrides
+
     device = device or next(model.parameters()).device
     previous = dataset.transforms
+    restore = apply_inference_overrides(model, score_thresh=score_thresh)
     dataset.transforms = build_eval_transforms()
     subset = dataset if max_images is None else Subset(dataset, range(min(max_images, len(dataset))))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -58,27 +76,75 @@ def run_inference(
             ground_truths.extend(targets)
     finally:
         dataset.transforms = previous
+        apply_inference_overrides(model, **restore)
         model.train(was_training)
     return detections, ground_truths
 
 
-def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional[Path] = None) -> dict:
-    """COCO metrics (pycocotools) for ``detections``; VOC mAP@0.5 too for VOC datasets.
-
-    Returns ``{"metrics": {...}, "per_class_ap": {...}, ...}``; with ``out_dir``, writes
-    ``detections.json`` (COCO results format, original category ids), ``metrics.json``,
-    ``per_class_ap.txt`` and ``pr_curve.png``.
-    """
-    image_ids = dataset.image_ids[: len(detections)]
-    results = detections_to_coco_results(detections, image_ids, dataset.label_to_category_id)
+def evaluated_ground_truth(dataset, num_images: int) -> dict:
+    """The dataset's COCO ground truth (:meth:`to_coco`) restricted to its first ``num_images``."""
     coco_gt = dataset.to_coco()
-    if len(detections) < len(dataset):
-        keep = set(image_ids)
+    if num_images < len(dataset):
+        keep = set(dataset.image_ids[:num_images])
         coco_gt = {
             **coco_gt,
             "images": [im for im in coco_gt["images"] if im["id"] in keep],
             "annotations": [a for a in coco_gt["annotations"] if a["image_id"] in keep],
         }
+    return coco_gt
+
+
+def evaluate_proposals(dataset, proposals, *, out_dir: Optional[Path] = None) -> dict:
+    """Class-agnostic proposal recall of an RPN (FPN paper Table 1) with pycocotools.
+
+    Args:
+        dataset: the evaluated dataset (its :meth:`to_coco` is the ground truth).
+        proposals: per image ``{"boxes" [N, 4] xyxy pixels of the input image, "scores" [N]}``.
+        out_dir: if given, receives ``metrics.json``.
+
+    Returns:
+        ``{"metrics": {"AR100", "AR1000", "ARs1000", "ARm1000", "ARl1000"}}``
+        (:func:`~fpndet.engine.evaluation.proposal_recall`).
+    """
+    image_ids = dataset.image_ids[: len(proposals)]
+    coco_gt = evaluated_ground_truth(dataset, len(proposals))
+    category = coco_gt["categories"][0]["id"]
+    metrics = proposal_recall(coco_gt, proposals_to_coco_results(proposals, image_ids, category))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_results_json(out_dir / "metrics.json", {"metrics": metrics})
+    return {"metrics": metrics}
+
+
+def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional[Path] = None,
+                        model_class_names=None, model_source=None) -> dict:
+    """COCO metrics (pycocotools) for ``detections``; VOC mAP@0.5 too for VOC datasets.
+
+    Args:
+        dataset: the evaluated dataset; its :meth:`to_coco` is the ground truth (for COCO files
+            the file's own annotations), restricted to the first ``len(detections)`` images.
+        detections: per image ``{"boxes" xyxy pixels, "scores", "labels"}`` with the model's labels.
+        ground_truths: per image targets (``boxes``, ``labels``, ``iscrowd`` = VOC difficult),
+            for the VOC metric.
+        model_class_names: name of each model label; None: the labels are the dataset's own
+            (the trainer's model). Mapped by :func:`~fpndet.engine.evaluation.match_model_classes`:
+            detections of classes the dataset lacks are dropped.
+        model_source: the model's file, named in errors.
+        out_dir: if given, receives ``detections.json`` (COCO results format, the dataset's
+            category ids), ``metrics.json``, ``per_class_ap.txt`` and ``pr_curve.png``.
+
+    Returns:
+        ``{"metrics": {...}, "per_class_ap": {...}, ...}`` (see :meth:`CocoEvaluator.evaluate`).
+
+    Raises:
+        InputError(model_source, ...): the model's classes do not cover the dataset's.
+    """
+    mapping = match_model_classes(model_class_names, dataset.class_names, source=model_source)
+    detections = remap_detection_labels(detections, mapping)
+    image_ids = dataset.image_ids[: len(detections)]
+    results = detections_to_coco_results(detections, image_ids, dataset.label_to_category_id)
+    coco_gt = evaluated_ground_truth(dataset, len(detections))
     report = CocoEvaluator(coco_gt, class_names=dataset.class_names).evaluate(results)
     if isinstance(dataset, VOCDetection):  # the devkit metric too
         voc = voc_map50(detections, ground_truths, dataset.num_classes)

@@ -8,7 +8,8 @@ pre-processing does in evaluation (short side ``min_size[-1]``, long side at mos
 each level ``l`` (the sizes of the FPN maps P_min..P_max).
 
 Anchor coverage (RetinaNet §4 "Training": an anchor is foreground for a box when their IoU is
-≥ ``foreground_iou``, 0.5 in the paper):
+≥ ``foreground_iou``, 0.5 in the paper; for the two-stage architectures the RPN's anchors and
+threshold, 0.7, FPN §4.1):
 
 - a ground-truth box is *covered* when some anchor has IoU ≥ ``foreground_iou`` with it;
 - *covered with low-quality matches* when some anchor has IoU > 0 with it (the matcher's
@@ -16,6 +17,9 @@ Anchor coverage (RetinaNet §4 "Training": an anchor is foreground for a box whe
 - its *level* is the pyramid level of its best anchor (highest IoU, first on ties);
 - its *foreground anchors* are the anchors whose best box (over the image's non-crowd boxes) it
   is, with IoU ≥ ``foreground_iou``: exactly the positives the strict matcher gives it.
+
+For Faster R-CNN and Fast R-CNN the report also counts the ground-truth boxes per RoI pooling
+level (FPN eq. 1: k = floor(4 + log2(sqrt(wh) / 224)), clamped to P2..P5).
 
 Crowd boxes (COCO ``iscrowd``, VOC ``difficult``) are counted but never matched, as in training.
 Only annotations are read (``dataset.annotation(i)``), except for the sample pictures.
@@ -41,8 +45,9 @@ from torch import Tensor
 from ..data.records import ImageRecord
 from ..modeling.anchors import AnchorGenerator
 from ..modeling.build import build_anchor_generator
-from ..modeling.config import RetinaNetConfig
+from ..modeling.config import ModelConfig
 from ..modeling.box_ops import pairwise_iou
+from ..modeling.poolers import assign_levels
 from ..modeling.preprocess import resize_scale
 from .checkpoints import atomic_write_bytes
 from .plots import draw_detections, save_image_grid
@@ -85,7 +90,7 @@ class InputGeometry:
     box_scale: tuple[float, float]
 
 
-def input_geometry(height: int, width: int, config: RetinaNetConfig) -> InputGeometry:
+def input_geometry(height: int, width: int, config: ModelConfig) -> InputGeometry:
     """The evaluation-time resize and padding of an ``height x width`` image under ``config``."""
     scale = resize_scale(height, width, config.min_size[-1], config.max_size)
     new_h, new_w = int(math.floor(height * scale)), int(math.floor(width * scale))
@@ -108,7 +113,7 @@ class AnchorSet:
     level: Tensor
 
 
-def image_anchors(generator: AnchorGenerator, padded: tuple[int, int], config: RetinaNetConfig) -> AnchorSet:
+def image_anchors(generator: AnchorGenerator, padded: tuple[int, int], config: ModelConfig) -> AnchorSet:
     """The anchors the model uses for a batch padded to ``padded`` (H, W)."""
     boxes, counts = generator(padded, pyramid_grids(padded, config.min_level, config.max_level))
     level = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
@@ -212,7 +217,7 @@ def _scaled(boxes: np.ndarray, geometry: InputGeometry) -> np.ndarray:
     return (boxes.reshape(-1, 4) * np.array([sx, sy, sx, sy], dtype=np.float32)).astype(np.float32)
 
 
-def _measure(records: Sequence[ImageRecord], config: RetinaNetConfig) -> _BoxTable:
+def _measure(records: Sequence[ImageRecord], config: ModelConfig) -> _BoxTable:
     generator = build_anchor_generator(config)
     columns: dict[str, list[np.ndarray]] = {k: [] for k in _BoxTable.__dataclass_fields__}
     for index, record in enumerate(records):
@@ -222,7 +227,7 @@ def _measure(records: Sequence[ImageRecord], config: RetinaNetConfig) -> _BoxTab
         geometry = input_geometry(record.height, record.width, config)
         resized = _scaled(np.asarray(record.boxes)[keep], geometry)
         anchors = image_anchors(generator, geometry.padded, config)
-        coverage = box_coverage(torch.from_numpy(resized), anchors, foreground_iou=config.foreground_iou)
+        coverage = box_coverage(torch.from_numpy(resized), anchors, foreground_iou=config.anchor_stage.foreground_iou)
         columns["image"].append(np.full(int(keep.sum()), index, dtype=np.int64))
         columns["boxes"].append(np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4)[keep])
         columns["resized"].append(resized)
@@ -244,11 +249,11 @@ def _share(count: int | float, total: int) -> float:
     return float(count) / total if total else 0.0
 
 
-def _level_names(config: RetinaNetConfig) -> list[str]:
+def _level_names(config: ModelConfig) -> list[str]:
     return [f"P{level}" for level in range(config.min_level, config.max_level + 1)]
 
 
-def _coverage_per_level(table: _BoxTable, config: RetinaNetConfig, covered: np.ndarray) -> dict[str, dict]:
+def _coverage_per_level(table: _BoxTable, config: ModelConfig, covered: np.ndarray) -> dict[str, dict]:
     total = len(table.best_iou)
     result = {}
     for index, name in enumerate(_level_names(config)):
@@ -279,7 +284,7 @@ def _coverage_by_size(table: _BoxTable, covered: np.ndarray) -> dict[str, dict]:
     return result
 
 
-def _uncovered(table: _BoxTable, records: Sequence[ImageRecord], config: RetinaNetConfig,
+def _uncovered(table: _BoxTable, records: Sequence[ImageRecord], config: ModelConfig,
                covered: np.ndarray) -> list[dict[str, Any]]:
     """The uncovered boxes, worst (lowest best IoU) first."""
     names = _level_names(config)
@@ -321,7 +326,19 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
     return {key: round(float(v), 3) for key, v in zip(("min", "p5", "p25", "median", "p75", "p95", "max"), points)}
 
 
-def inspect_dataset(dataset, model_cfg: RetinaNetConfig, out_dir: Path, *, samples: int = 8) -> dict:
+def roi_level_counts(table: _BoxTable, config: ModelConfig) -> dict[str, int]:
+    """How many ground-truth boxes (network-input pixels) the Fast R-CNN stage would pool from
+    each level P_min..P_min(max,5) by FPN eq. (1) (:func:`~fpndet.modeling.poolers.assign_levels`
+    with the config's canonical size and level): ``{"P2": n, ...}``."""
+    top = min(config.max_level, 5)
+    levels = assign_levels(torch.from_numpy(table.resized).reshape(-1, 4), min_level=config.min_level, max_level=top,
+                           canonical_scale=config.roi_heads.canonical_size,
+                           canonical_level=config.roi_heads.canonical_level)
+    counts = torch.bincount(levels - config.min_level, minlength=top - config.min_level + 1).tolist()
+    return {f"P{config.min_level + i}": int(n) for i, n in enumerate(counts)}
+
+
+def inspect_dataset(dataset, model_cfg: ModelConfig, out_dir: Path, *, samples: int = 8) -> dict:
     """Class counts, box sizes and anchor coverage of ``dataset`` under ``model_cfg``'s anchors.
 
     Definitions are in the module doc. Box sizes are ``sqrt(w * h)`` in network-input pixels
@@ -330,7 +347,8 @@ def inspect_dataset(dataset, model_cfg: RetinaNetConfig, out_dir: Path, *, sampl
     Args:
         dataset: a :class:`~fpndet.data.dataset.DetectionDataset` (``annotation(i)`` is used;
             other datasets of ``(image, target)`` samples are read through ``__getitem__``).
-        model_cfg: the model whose anchors, resize and ``foreground_iou`` are checked.
+        model_cfg: the model whose anchors, resize and ``foreground_iou`` are checked (the
+            RetinaNet section's for RetinaNet, the RPN's for the two-stage architectures).
         out_dir: created if needed; receives ``report.json``, ``box_sizes.png`` and, when
             ``samples > 0`` and there are images, ``samples.png``.
         samples: number of images drawn with their boxes (coloured, named) and the anchors
@@ -342,7 +360,8 @@ def inspect_dataset(dataset, model_cfg: RetinaNetConfig, out_dir: Path, *, sampl
         images_without_boxes (no non-crowd box), coverage (share of boxes covered),
         coverage_low_quality, coverage_per_level (level -> anchor_size, boxes, share (of all
         boxes), covered (share of the level's boxes), mean_fg_anchors), mean_fg_anchors_per_box,
-        uncovered (count)}, "crowd_per_class", "coverage_by_size", "box_size_quantiles",
+        uncovered (count), roi_levels (two-stage archs: boxes per RoI pooling level, P2..P5)},
+        "crowd_per_class", "coverage_by_size", "box_size_quantiles",
         "aspect_ratio_quantiles", "size_buckets", "uncovered_boxes" (the 20 worst: file, box in
         original pixels, size, best_iou, best_level, best_anchor), "model", "files"}``, also
         written to ``report.json``.
@@ -355,7 +374,7 @@ def inspect_dataset(dataset, model_cfg: RetinaNetConfig, out_dir: Path, *, sampl
     records = _records(dataset)
     class_names = list(getattr(dataset, "class_names", []))
     table = _measure(records, model_cfg)
-    covered = table.best_iou >= model_cfg.foreground_iou
+    covered = table.best_iou >= model_cfg.anchor_stage.foreground_iou
     num_boxes = len(table.best_iou)
     objects, crowd = _class_counts(records, class_names)
     uncovered = _uncovered(table, records, model_cfg, covered)
@@ -371,6 +390,8 @@ def inspect_dataset(dataset, model_cfg: RetinaNetConfig, out_dir: Path, *, sampl
         "mean_fg_anchors_per_box": round(float(table.fg_anchors.mean()) if num_boxes else 0.0, 3),
         "uncovered": len(uncovered),
     }
+    if model_cfg.uses_roi_heads:
+        summary["roi_levels"] = roi_level_counts(table, model_cfg)
     buckets = _size_buckets(table.sizes**2)
     report = {
         "summary": summary,
@@ -380,9 +401,13 @@ def inspect_dataset(dataset, model_cfg: RetinaNetConfig, out_dir: Path, *, sampl
         "aspect_ratio_quantiles": _quantiles(table.aspect_ratios),
         "size_buckets": {name: int((buckets == i).sum()) for i, name in enumerate(("small", "medium", "large"))},
         "uncovered_boxes": uncovered[:TOP_UNCOVERED],
-        "model": {key: getattr(model_cfg, key) for key in (
-            "min_size", "max_size", "size_divisible", "min_level", "max_level", "anchor_sizes", "anchor_scales",
-            "anchor_ratios", "foreground_iou", "background_iou")},
+        "model": {
+            **{key: getattr(model_cfg, key) for key in (
+                "arch", "min_size", "max_size", "size_divisible", "min_level", "max_level", "anchor_sizes",
+                "anchor_scales", "anchor_ratios")},
+            "foreground_iou": model_cfg.anchor_stage.foreground_iou,
+            "background_iou": model_cfg.anchor_stage.background_iou,
+        },
         "files": {"report": "report.json", "box_sizes": "box_sizes.png"},
     }
     plot_box_statistics(table, model_cfg, out_dir / "box_sizes.png")
@@ -397,7 +422,7 @@ def inspect_dataset(dataset, model_cfg: RetinaNetConfig, out_dir: Path, *, sampl
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
-def plot_box_statistics(table: _BoxTable, config: RetinaNetConfig, out_png: str | os.PathLike) -> None:
+def plot_box_statistics(table: _BoxTable, config: ModelConfig, out_png: str | os.PathLike) -> None:
     """Three panels (1500 x 450 px): histogram of box sizes sqrt(w*h) (network-input pixels, log
     bins) with the COCO small/medium/large boundaries (32, 96) and the anchor sizes of each level;
     histogram of aspect ratios h/w with the anchor ratios; best anchor IoU against box size with
@@ -421,8 +446,8 @@ def plot_box_statistics(table: _BoxTable, config: RetinaNetConfig, out_png: str 
             ratio_axes.axvline(ratio, color="tab:red", linestyle=":", linewidth=1)
         iou_axes.scatter(sizes, table.best_iou, s=4, alpha=0.5)
         iou_axes.set_xscale("log")
-        iou_axes.axhline(config.foreground_iou, color="tab:red", linestyle="--", linewidth=1,
-                         label=f"foreground IoU {config.foreground_iou:g}")
+        iou_axes.axhline(config.anchor_stage.foreground_iou, color="tab:red", linestyle="--", linewidth=1,
+                         label=f"foreground IoU {config.anchor_stage.foreground_iou:g}")
         iou_axes.set_ylim(0, 1.02)
         iou_axes.legend(fontsize="small", loc="lower right")
     else:
@@ -470,12 +495,12 @@ def _load_pixels(dataset, index: int) -> Tensor:
     return torch.as_tensor(dataset[index][0])
 
 
-def draw_samples(dataset, records: Sequence[ImageRecord], table: _BoxTable, config: RetinaNetConfig,
+def draw_samples(dataset, records: Sequence[ImageRecord], table: _BoxTable, config: ModelConfig,
                  out_png: str | os.PathLike, *, count: int, class_names: Sequence[str]) -> None:
     """``count`` images at network-input scale (at most 512 px) with their boxes and the
     foreground anchors of each box (white, 1 px), in a 4-column grid saved as PNG."""
     generator = build_anchor_generator(config)
-    covered = table.best_iou >= config.foreground_iou
+    covered = table.best_iou >= config.anchor_stage.foreground_iou
     pictures = []
     for index in _sample_indices(records, table, count, covered):
         record = records[index]
@@ -489,7 +514,7 @@ def draw_samples(dataset, records: Sequence[ImageRecord], table: _BoxTable, conf
         anchors = image_anchors(generator, geometry.padded, config)
         matched = torch.zeros((0, 4))
         if bool(keep.any()):
-            coverage = box_coverage(boxes[keep], anchors, foreground_iou=config.foreground_iou)
+            coverage = box_coverage(boxes[keep], anchors, foreground_iou=config.anchor_stage.foreground_iou)
             matched = anchors.boxes[coverage.fg_anchor_mask]
         pictures.append(draw_detections(
             image, boxes * display, torch.as_tensor(np.asarray(record.labels)), None, class_names,

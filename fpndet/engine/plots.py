@@ -30,7 +30,7 @@ PALETTE = [
     (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
 ]  # fmt: skip
 EXTRA_BOX_COLOR = (255, 255, 255)
-_EVAL_KEYS = ("AP", "AP50", "AP75", "mAP50")
+_EVAL_KEYS = ("AP", "AP50", "AP75", "mAP50", "AR100", "AR1000")
 _FIGURE_DPI = 100
 
 
@@ -84,7 +84,7 @@ def plot_training_curves(jsonl_path: str | os.PathLike, out_png: str | os.PathLi
 
     Training lines look like ``{"step": int, "loss": float, "loss_cls": ..., "loss_box": ...,
     "lr": float}`` (every key starting with ``loss`` is plotted); evaluation lines hold ``"AP"``,
-    ``"AP50"``, ``"AP75"`` or ``"mAP50"`` with a ``"step"`` (preferred) or ``"epoch"`` x value.
+    ``"AP50"``, ``"AP75"``, ``"mAP50"`` or an RPN's ``"AR100"`` / ``"AR1000"`` with a ``"step"`` (preferred) or ``"epoch"`` x value.
     The PNG (1500 x 450 px) has three panels: losses (log scale when all positive), learning rate,
     and AP in percent. Panels without data say so.
 

@@ -31,7 +31,7 @@ from ..modeling.weights import load_matching_weights
 from . import checkpoints as ckpt
 from .model_io import read_weights
 from .distributed import DistInfo, all_ranks_true, all_reduce_mean, barrier, cleanup, gather_objects, init_distributed
-from .inference import autocast_context, evaluate_detections, run_inference
+from .inference import autocast_context, evaluate_detections, evaluate_proposals, run_inference
 from .sampling import ResumableSampler, SeededAugmentation
 from .schedule import build_optimizer, build_scheduler, milestones_from, scaled_lr
 
@@ -214,9 +214,16 @@ class Trainer:
         return f"{what}; " + (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet")
 
     def evaluate(self, tag: str = "eval") -> dict:
+        """Evaluate on the validation set: COCO metrics of the detections, or for an RPN the
+        class-agnostic proposal recall (AR@100, AR@1000, ...)."""
+        proposals_only = self.model_cfg.arch == "rpn"
         detections, gts = run_inference(self.model, self.val_set, batch_size=self.cfg.eval.batch_size,
-                                        device=self.device, amp=self.cfg.train.amp, max_images=self.cfg.eval.max_images)
-        return evaluate_detections(self.val_set, detections, gts, out_dir=self.out / tag)
+                                        device=self.device, amp=self.cfg.train.amp, max_images=self.cfg.eval.max_images,
+                                        score_thresh=None if proposals_only else self.cfg.eval.score_thresh)
+        if proposals_only:
+            return evaluate_proposals(self.val_set, detections, out_dir=self.out / tag)
+        return evaluate_detections(self.val_set, detections, gts, out_dir=self.out / tag,
+                                   model_class_names=self.train_set.class_names)
 
     def fit(self) -> dict:
         cfg, info = self.cfg, self.info
@@ -245,9 +252,9 @@ class Trainer:
                     if self.progress.step % cfg.train.log_every == 0 or self.progress.step == self.total_steps:
                         logger.log({"step": self.progress.step, "epoch": epoch, **all_reduce_mean(logs, info)})
                     bar.update(1)
-                    bar.set_postfix(loss=f"{logs['loss']:.3f}", cls=f"{logs['loss_cls']:.3f}",
-                                    box=f"{logs['loss_box']:.3f}", lr=f"{logs['lr']:.2e}",
-                                    ips=f"{logs['images_per_s']:.1f}", refresh=False)
+                    bar.set_postfix(refresh=False, lr=f"{logs['lr']:.2e}", ips=f"{logs['images_per_s']:.1f}",
+                                    **{k.removeprefix("loss_") or k: f"{v:.3f}" for k, v in logs.items()
+                                       if k.startswith("loss")})
                     every = cfg.train.checkpoint_every_iters
                     if every and self.progress.step % every == 0:
                         self.save_checkpoint()
@@ -276,13 +283,15 @@ class Trainer:
         report = self.evaluate()
         metrics = report["metrics"]
         logger.log({"step": self.progress.step, "epoch": epoch, **{k: v for k, v in metrics.items()}})
-        print(f"\nepoch {epoch} step {self.progress.step}: AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}", flush=True)
-        self.progress.history.append({"step": self.progress.step, "AP": metrics["AP"], "AP50": metrics["AP50"]})
-        if metrics["AP"] > self.progress.best_ap:
-            self.progress.best_ap = metrics["AP"]
+        key, second = ("AR1000", "AR100") if self.model_cfg.arch == "rpn" else ("AP", "AP50")
+        print(f"\nepoch {epoch} step {self.progress.step}: {key} {metrics[key]:.4f}  {second} {metrics[second]:.4f}",
+              flush=True)
+        self.progress.history.append({"step": self.progress.step, key: metrics[key], second: metrics[second]})
+        if metrics[key] > self.progress.best_ap:  # the best AP (AR@1000 for an RPN) so far
+            self.progress.best_ap = metrics[key]
             state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
             ckpt.save_model_weights(self.out / "best.safetensors", state, config=self.model_cfg.to_dict(),
-                                    metadata={"step": self.progress.step, "AP": metrics["AP"],
+                                    metadata={"step": self.progress.step, key: metrics[key],
                                               "class_names": self.train_set.class_names})
         return report
 

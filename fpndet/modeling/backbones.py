@@ -1,13 +1,15 @@
-"""Backbones that feed the feature pyramid: they return C3, C4 and C5.
+"""Backbones that feed the feature pyramid: they return C_l for the levels they declare.
 
 RetinaNet builds its pyramid P3..P7 on the outputs C3, C4, C5 of the last three stages of a
 classification network, whose strides are 8, 16 and 32 pixels with respect to the input (Lin et
 al., "Feature Pyramid Networks for Object Detection", 2017, Sec. 3; Lin et al., "Focal Loss for
-Dense Object Detection", 2017, Sec. 4). Every backbone here maps a batch of images
-``float32[B, 3, H, W]`` (RGB, already normalised with the backbone's ``pixel_mean`` /
-``pixel_std``, which are given for pixel values in [0, 1]) to the list ``[C3, C4, C5]`` with
-``C_l: float32[B, out_channels[l], ceil(H / 2**l), ceil(W / 2**l)]`` (exact when H and W are
-multiples of 32).
+Dense Object Detection", 2017, Sec. 4); the FPN paper's RPN and Fast R-CNN also use C2 (stride 4,
+FPN §4.1). Every backbone takes ``levels`` (default ``(3, 4, 5)``; ``(2, 3, 4, 5)`` adds C2) and
+maps a batch of images ``float32[B, 3, H, W]`` (RGB, already normalised with the backbone's
+``pixel_mean`` / ``pixel_std``, which are given for pixel values in [0, 1]) to the list
+``[C_l for l in levels]`` with ``C_l: float32[B, channels, ceil(H / 2**l), ceil(W / 2**l)]``
+(exact when H and W are multiples of 32); the attributes ``levels``, ``strides`` (``2**l``) and
+``out_channels`` describe that list.
 
 Three families are provided:
 
@@ -45,10 +47,12 @@ __all__ = [
     "EFFICIENTNET_LITE0_STD",
     "EFFICIENTNET_LITE0_ARCH",
     "PYRAMID_STRIDES",
+    "DEFAULT_LEVELS",
     "Backbone",
     "ResNetBackbone",
     "TimmBackbone",
     "backbone_normalization",
+    "check_levels",
     "efficientnet_lite0_backbone",
     "load_efficientnet_lite0_imagenet",
     "load_state_dict_file",
@@ -56,7 +60,12 @@ __all__ = [
 ]
 
 PYRAMID_STRIDES: tuple[int, int, int] = (8, 16, 32)
-"""Strides in pixels of C3, C4, C5."""
+"""Strides in pixels of C3, C4, C5 (the default levels)."""
+
+DEFAULT_LEVELS: tuple[int, int, int] = (3, 4, 5)
+"""Levels emitted by default: C3, C4, C5 (RetinaNet)."""
+
+_BACKBONE_LEVELS = (2, 3, 4, 5)
 
 EFFICIENTNET_LITE0_ARCH = "tf_efficientnet_lite0"
 """timm architecture that reproduces the EfficientNet-Lite0 checkpoint best (see
@@ -71,12 +80,24 @@ _NUM_BATCHES_TRACKED = "num_batches_tracked"
 # --------------------------------------------------------------------------------------------
 
 
+def check_levels(levels: Sequence[int]) -> list[int]:
+    """``levels`` as a sorted list; ``ValueError`` unless they are distinct, among 2..5 and
+    consecutive (e.g. (3, 4, 5) or (2, 3, 4, 5))."""
+    result = sorted(int(level) for level in levels)
+    if not result or any(level not in _BACKBONE_LEVELS for level in result) or result != list(
+        range(result[0], result[-1] + 1)
+    ):
+        raise ValueError(f"levels must be consecutive distinct levels among {_BACKBONE_LEVELS}, got {list(levels)}")
+    return result
+
+
 class Backbone(nn.Module):
-    """Base class of the backbones: images in, ``[C3, C4, C5]`` out.
+    """Base class of the backbones: images in, ``[C_l for l in levels]`` out.
 
     Attributes:
-        out_channels: channels of C3, C4, C5 in that order.
-        strides: strides of C3, C4, C5 in pixels, always ``[8, 16, 32]``.
+        levels: pyramid levels of the outputs, e.g. ``[3, 4, 5]`` or ``[2, 3, 4, 5]``.
+        out_channels: channels of each output, in ``levels`` order.
+        strides: strides of the outputs in pixels, ``2**l`` (``[8, 16, 32]`` by default).
         pixel_mean: RGB mean (pixels in [0, 1]) the weights expect to be subtracted.
         pixel_std: RGB standard deviation (pixels in [0, 1]) the weights expect to divide by.
 
@@ -84,13 +105,14 @@ class Backbone(nn.Module):
     when the backbone is put in training mode, so their running statistics do not drift.
     """
 
+    levels: list[int]
     out_channels: list[int]
     strides: list[int]
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        """Map ``float32[B, 3, H, W]`` normalised RGB images to ``[C3, C4, C5]``."""
+        """Map ``float32[B, 3, H, W]`` normalised RGB images to ``[C_l for l in levels]``."""
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> Backbone:
@@ -209,7 +231,7 @@ def _download_resnet_imagenet(depth: int) -> dict[str, Tensor]:
 
 
 class ResNetBackbone(Backbone):
-    """torchvision ResNet whose ``layer2``, ``layer3``, ``layer4`` outputs are C3, C4, C5.
+    """torchvision ResNet whose ``layer1`` .. ``layer4`` outputs are C2 .. C5 (strides 4 .. 32).
 
     The torchvision module names ``conv1, bn1, relu, maxpool, layer1..layer4`` are attributes of
     this module (``fc`` and ``avgpool`` are dropped), so a torchvision detection checkpoint maps
@@ -228,9 +250,12 @@ class ResNetBackbone(Backbone):
             and ``num_batches_tracked`` entries are ignored).
         frozen_bn: use :class:`torchvision.ops.FrozenBatchNorm2d` (fixed statistics and affine,
             the usual choice for detection with small batches) instead of ``nn.BatchNorm2d``.
+        levels: consecutive levels among 2..5 to return (default C3, C4, C5; ``(2, 3, 4, 5)``
+            for the FPN paper's RPN / Fast R-CNN). C2 has 64 channels for depths 18/34 and
+            256 for 50/101.
 
     Raises:
-        ValueError: on an unsupported depth or trainable_stages outside 0..5.
+        ValueError: on an unsupported depth, trainable_stages outside 0..5 or bad levels.
         InputError: naming the file (or URL) when the weights cannot be read or downloaded, or
             hold unknown keys, miss keys or have wrong shapes.
     """
@@ -242,9 +267,11 @@ class ResNetBackbone(Backbone):
         trainable_stages: int = 3,
         weights: str | os.PathLike | None = None,
         frozen_bn: bool = True,
+        levels: Sequence[int] = DEFAULT_LEVELS,
     ):
         super().__init__()
         _check_depth(depth)
+        self.levels = check_levels(levels)
         if not 0 <= trainable_stages <= 5:
             raise ValueError(f"trainable_stages must be in 0..5, got {trainable_stages}")
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
@@ -258,8 +285,8 @@ class ResNetBackbone(Backbone):
         self.layer3 = resnet.layer3
         self.layer4 = resnet.layer4
         expansion = 4 if depth >= 50 else 1
-        self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
-        self.strides = list(PYRAMID_STRIDES)
+        self.out_channels = [(2 ** (level + 4)) * expansion for level in self.levels]
+        self.strides = [2**level for level in self.levels]
         self.pixel_mean = IMAGENET_MEAN
         self.pixel_std = IMAGENET_STD
         self.depth = depth
@@ -286,13 +313,16 @@ class ResNetBackbone(Backbone):
             _freeze(stage)
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        """Map ``float32[B, 3, H, W]`` normalised RGB images to ``[C3, C4, C5]`` of strides 8, 16, 32."""
+        """Map ``float32[B, 3, H, W]`` normalised RGB images to ``[C_l for l in levels]`` (strides ``2**l``)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return [c3, c4, c5]
+        outputs = []
+        for level, stage in zip(_BACKBONE_LEVELS, (self.layer1, self.layer2, self.layer3, self.layer4)):
+            if level > self.levels[-1]:
+                break
+            x = stage(x)
+            if level >= self.levels[0]:
+                outputs.append(x)
+        return outputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +336,7 @@ def _flattened_name(module_name: str) -> str:
 
 
 class TimmBackbone(Backbone):
-    """Any timm model built with ``features_only=True``, taking the feature maps of strides 8, 16, 32.
+    """Any timm model built with ``features_only=True``, taking the feature maps of strides ``2**l``.
 
     The feature extractor is ``self.body``; its state-dict keys are those of the timm
     classification model without the classifier head (nested stage names may be flattened by
@@ -317,8 +347,11 @@ class TimmBackbone(Backbone):
         pretrained: let timm fetch its default pretrained weights (needs internet or a filled
             Hugging Face / torch.hub cache).
         out_indices: indices into timm's ``feature_info`` whose reductions must be exactly
-            8, 16, 32 (``(2, 3, 4)`` for most CNNs; ``(1, 2, 3)`` for models without a stride-2
-            feature such as ConvNeXt).
+            ``2**l`` for ``l`` in ``levels``; default ``l - 1`` for each level (``(2, 3, 4)`` for
+            C3-C5 of most CNNs; pass ``(1, 2, 3)`` for models without a stride-2 feature such as
+            ConvNeXt).
+        levels: consecutive levels among 2..5 to return (default C3, C4, C5; ``(2, 3, 4, 5)``
+            adds C2 for the FPN paper's RPN).
         trainable_stages: ``None`` trains everything. An int ``k`` in ``0..len(feature_info)``
             keeps only the top ``k`` feature stages trainable, counted like torchvision's
             ``trainable_backbone_layers``: every parameter registered before the first parameter
@@ -338,7 +371,7 @@ class TimmBackbone(Backbone):
             when it has none).
 
     Raises:
-        ValueError: unknown model name, out_indices whose reductions are not 8/16/32,
+        ValueError: unknown model name, bad levels, out_indices whose reductions are not ``2**l``,
             trainable_stages out of range, or both ``pretrained`` and ``checkpoint_path``.
         InputError: naming ``checkpoint_path`` when it cannot be read or does not fit the model,
             or (with no file) when timm cannot fetch the pretrained weights.
@@ -349,19 +382,23 @@ class TimmBackbone(Backbone):
         *,
         model_name: str,
         pretrained: bool = False,
-        out_indices: Sequence[int] = (2, 3, 4),
+        out_indices: Sequence[int] | None = None,
         trainable_stages: int | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         frozen_bn: bool = False,
+        levels: Sequence[int] = DEFAULT_LEVELS,
         **timm_kwargs,
     ):
         super().__init__()
         if pretrained and checkpoint_path is not None:
             raise ValueError("give either pretrained=True or checkpoint_path, not both")
         self.model_name = model_name
-        self.body = _create_timm_features(model_name, pretrained, tuple(out_indices), timm_kwargs)
+        self.levels = check_levels(levels)
+        self.strides = [2**level for level in self.levels]
+        if out_indices is None:
+            out_indices = [level - 1 for level in self.levels]
+        self.body = _create_timm_features(model_name, pretrained, tuple(out_indices), self.strides, timm_kwargs)
         self.out_channels = list(self.body.feature_info.channels())
-        self.strides = list(PYRAMID_STRIDES)
         config = getattr(self.body, "pretrained_cfg", None) or {}
         self.pixel_mean = tuple(config.get("mean", IMAGENET_MEAN))
         self.pixel_std = tuple(config.get("std", IMAGENET_STD))
@@ -429,7 +466,7 @@ class TimmBackbone(Backbone):
             param.requires_grad_(False)
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        """Map ``float32[B, 3, H, W]`` normalised RGB images to ``[C3, C4, C5]`` of strides 8, 16, 32."""
+        """Map ``float32[B, 3, H, W]`` normalised RGB images to ``[C_l for l in levels]`` (strides ``2**l``)."""
         return list(self.body(images))
 
 
@@ -439,7 +476,7 @@ def _unflatten_candidates(top: str) -> list[str]:
 
 
 def _create_timm_features(
-    model_name: str, pretrained: bool, out_indices: tuple[int, ...], timm_kwargs: dict
+    model_name: str, pretrained: bool, out_indices: tuple[int, ...], strides: Sequence[int], timm_kwargs: dict
 ) -> nn.Module:
     import timm
 
@@ -449,6 +486,8 @@ def _create_timm_features(
         body = timm.create_model(
             model_name, pretrained=pretrained, features_only=True, out_indices=out_indices, **timm_kwargs
         )
+    except IndexError:
+        raise ValueError(f"out_indices {out_indices} are out of range for timm model {model_name}") from None
     except (OSError, RuntimeError) as err:
         if not pretrained:
             raise
@@ -457,11 +496,11 @@ def _create_timm_features(
             "without internet pass checkpoint_path=<path to a .pth/.safetensors> instead"
         ) from err
     reductions = list(body.feature_info.reduction())
-    if reductions != list(PYRAMID_STRIDES):
+    if reductions != list(strides):
         available = {info["index"]: info["reduction"] for info in body.feature_info.info}
         raise ValueError(
             f"out_indices {out_indices} of timm model {model_name} give feature strides {reductions}, "
-            f"but the pyramid needs {list(PYRAMID_STRIDES)}; strides by index: {available}"
+            f"but the pyramid needs {list(strides)}; strides by index: {available}"
         )
     return body
 
@@ -593,8 +632,10 @@ def efficientnet_lite0_backbone(
     trainable_stages: int | None = None,
     frozen_bn: bool | None = None,
     checkpoint_path: str | os.PathLike | None = None,
+    levels: Sequence[int] = DEFAULT_LEVELS,
 ) -> TimmBackbone:
-    """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) giving C3, C4, C5 with 40, 112, 320 channels.
+    """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) giving C3, C4, C5 with 40, 112, 320
+    channels (C2, with ``levels=(2, 3, 4, 5)``: 24 channels).
 
     Args:
         pretrained: load the ImageNet weights of :func:`load_efficientnet_lite0_imagenet`
@@ -604,6 +645,7 @@ def efficientnet_lite0_backbone(
         frozen_bn: freeze batch-norm statistics and affine parameters; ``None`` means
             "frozen when pretrained".
         checkpoint_path: an efficientnet_pytorch-named Lite0 checkpoint other than the package's.
+        levels: as in :class:`TimmBackbone`.
 
     The backbone's ``pixel_mean`` / ``pixel_std`` are :data:`EFFICIENTNET_LITE0_MEAN` /
     :data:`EFFICIENTNET_LITE0_STD` (0.5, see :func:`load_efficientnet_lite0_imagenet`).
@@ -617,6 +659,7 @@ def efficientnet_lite0_backbone(
         pretrained=False,
         trainable_stages=trainable_stages,
         frozen_bn=pretrained if frozen_bn is None else frozen_bn,
+        levels=levels,
     )
     if pretrained:
         path = _efficientnet_lite0_package_file() if checkpoint_path is None else Path(checkpoint_path)

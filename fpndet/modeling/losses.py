@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .box_ops import paired_giou
+
 _REDUCTIONS = ("none", "sum", "mean")
 _Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
 
@@ -322,13 +324,5 @@ def giou_loss(pred_boxes: Tensor, target_boxes: Tensor, *, reduction: str = "non
     """
     _check_reduction(reduction)
     pred_boxes, target_boxes = _upcast(pred_boxes, target_boxes)
-    px1, py1, px2, py2 = pred_boxes.unbind(-1)
-    tx1, ty1, tx2, ty2 = target_boxes.unbind(-1)
-    inter_w = (torch.minimum(px2, tx2) - torch.maximum(px1, tx1)).clamp(min=0)
-    inter_h = (torch.minimum(py2, ty2) - torch.maximum(py1, ty1)).clamp(min=0)
-    inter = inter_w * inter_h
-    union = (px2 - px1) * (py2 - py1) + (tx2 - tx1) * (ty2 - ty1) - inter
-    iou = inter / (union + eps)
-    enclosing = (torch.maximum(px2, tx2) - torch.minimum(px1, tx1)) * (torch.maximum(py2, ty2) - torch.minimum(py1, ty1))
-    giou = iou - (enclosing - union) / (enclosing + eps)
+    giou = paired_giou(pred_boxes, target_boxes, eps=eps)
     return _reduce(1.0 - giou, reduction)

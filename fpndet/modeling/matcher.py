@@ -9,13 +9,21 @@ inside a crowd region are ignored instead.
 
 The IoU matrix is never materialised for the whole batch: it is computed in chunks of anchors so
 that each ``[B, G, chunk]`` intermediate holds at most ``max_chunk_elements`` values.
+
+The same matcher serves the two-stage detectors of the FPN paper (§5.1, §5.2): the RPN matches
+shared anchors ``[A, 4]`` with ``foreground_iou=0.7, background_iou=0.3`` and low-quality
+matches; Fast R-CNN matches per-image RoIs ``[B, N, 4]`` (padded, with a validity mask) with
+``foreground_iou=0.5, background_iou=0.5`` (background [0, 0.5)) and no low-quality matches.
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .box_ops import box_area, pairwise_intersection
 
 BACKGROUND = -1
 IGNORE = -2
@@ -26,40 +34,6 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type in ("cuda", "cpu"):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-def box_area(boxes: Tensor) -> Tensor:
-    """Areas ``[...]`` of xyxy ``boxes[..., 4]`` in pixels² (``(x2 - x1) * (y2 - y1)``)."""
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-
-
-def pairwise_intersection(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Intersection areas of every box of ``boxes1`` with every box of ``boxes2``.
-
-    Args:
-        boxes1: ``[..., N, 4]`` xyxy boxes (e.g. ground truth ``[B, G, 4]``).
-        boxes2: ``[M, 4]`` xyxy boxes (e.g. anchors), same dtype and device.
-
-    Returns:
-        ``[..., N, M]`` intersection areas in pixels² (0 for disjoint boxes).
-    """
-    b1 = boxes1[..., :, None, :]
-    overlap_w = torch.minimum(b1[..., 2], boxes2[:, 2])
-    overlap_w.sub_(torch.maximum(b1[..., 0], boxes2[:, 0])).clamp_(min=0)
-    overlap_h = torch.minimum(b1[..., 3], boxes2[:, 3])
-    overlap_h.sub_(torch.maximum(b1[..., 1], boxes2[:, 1])).clamp_(min=0)
-    return overlap_w.mul_(overlap_h)
-
-
-def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Intersection over union, ``[..., N, M]``, of ``boxes1 [..., N, 4]`` and ``boxes2 [M, 4]``.
-
-    Same formula and rounding as ``torchvision.ops.box_iou`` (areas ``(x2-x1)*(y2-y1)``, union
-    ``area1 + area2 - inter``); two zero-area boxes give NaN.
-    """
-    inter = pairwise_intersection(boxes1, boxes2)
-    union = box_area(boxes1)[..., None] + box_area(boxes2) - inter
-    return inter.div_(union)
 
 
 class AnchorMatcher:
@@ -98,14 +72,25 @@ class AnchorMatcher:
         self.crowd_ioa = float(crowd_ioa)
         self.max_chunk_elements = int(max_chunk_elements)
 
-    def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, gt_crowd: Tensor) -> Tensor:
-        """Match ``anchors`` to the padded ground truth of a batch.
+    def __call__(
+        self,
+        anchors: Tensor,
+        gt_boxes: Tensor,
+        gt_valid: Tensor,
+        gt_crowd: Tensor,
+        anchor_valid: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Match ``anchors`` (or per-image candidate boxes such as RoIs) to the padded ground truth.
 
         Args:
-            anchors: ``[A, 4]`` xyxy anchors in pixels, shared by all images.
+            anchors: ``[A, 4]`` xyxy anchors in pixels shared by all images, or ``[B, A, 4]``
+                per-image candidates (e.g. Fast R-CNN RoIs, padded to A per image).
             gt_boxes: ``[B, G, 4]`` xyxy ground-truth boxes in pixels, padded to G per image.
             gt_valid: bool ``[B, G]``, True for real boxes (False for padding).
             gt_crowd: bool ``[B, G]``, True for crowd regions (never matched as foreground).
+            anchor_valid: optional bool ``[A]`` or ``[B, A]``, False for padded candidates: they
+                take part in nothing (a gt's best IoU and its low-quality matches are taken over
+                valid candidates only) and come back :data:`IGNORE`.
 
         Returns:
             int64 ``[B, A]`` on ``anchors.device``: the matched index in ``0..G-1``,
@@ -115,37 +100,51 @@ class AnchorMatcher:
         Raises:
             ValueError: inconsistent shapes.
         """
-        self._check_shapes(anchors, gt_boxes, gt_valid, gt_crowd)
+        self._check_shapes(anchors, gt_boxes, gt_valid, gt_crowd, anchor_valid)
         device = anchors.device
-        batch, num_gt, num_anchors = gt_boxes.shape[0], gt_boxes.shape[1], anchors.shape[0]
+        batch, num_gt, num_anchors = gt_boxes.shape[0], gt_boxes.shape[1], anchors.shape[-2]
         if num_gt == 0 or num_anchors == 0:
             return torch.full((batch, num_anchors), BACKGROUND, dtype=torch.int64, device=device)
         dtype = torch.float64 if torch.float64 in (anchors.dtype, gt_boxes.dtype) else torch.float32
         with _no_autocast(device):
-            anchors = anchors.to(dtype)
+            anchors = (anchors if anchors.ndim == 3 else anchors[None]).to(dtype)
+            if anchor_valid is not None:
+                anchor_valid = anchor_valid.to(device=device, dtype=torch.bool).expand(batch, num_anchors)
             gt_boxes = gt_boxes.to(device=device, dtype=dtype)
             gt_valid = gt_valid.to(device=device, dtype=torch.bool)
             gt_crowd = gt_crowd.to(device=device, dtype=torch.bool)
             matchable = gt_valid & ~gt_crowd
             crowd = gt_valid & gt_crowd
-            return self._match(anchors, gt_boxes, matchable, crowd)
+            matches = self._match(anchors, gt_boxes, matchable, crowd, anchor_valid)
+            if anchor_valid is not None:
+                matches = matches.masked_fill(~anchor_valid, IGNORE)
+            return matches
 
     @staticmethod
-    def _check_shapes(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, gt_crowd: Tensor) -> None:
-        if anchors.ndim != 2 or anchors.shape[-1] != 4:
-            raise ValueError(f"anchors must be [A, 4], got {list(anchors.shape)}")
+    def _check_shapes(
+        anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, gt_crowd: Tensor, anchor_valid: Optional[Tensor]
+    ) -> None:
+        if anchors.ndim not in (2, 3) or anchors.shape[-1] != 4:
+            raise ValueError(f"anchors must be [A, 4] or [B, A, 4], got {list(anchors.shape)}")
         if gt_boxes.ndim != 3 or gt_boxes.shape[-1] != 4:
             raise ValueError(f"gt_boxes must be [B, G, 4], got {list(gt_boxes.shape)}")
+        if anchors.ndim == 3 and anchors.shape[0] != gt_boxes.shape[0]:
+            raise ValueError(f"per-image anchors {list(anchors.shape)} and gt_boxes {list(gt_boxes.shape)} differ in B")
         for name, mask in (("gt_valid", gt_valid), ("gt_crowd", gt_crowd)):
             if mask.shape != gt_boxes.shape[:2]:
                 raise ValueError(f"{name} must be [B, G] = {list(gt_boxes.shape[:2])}, got {list(mask.shape)}")
+        if anchor_valid is not None and anchor_valid.shape != anchors.shape[:-1]:
+            raise ValueError(f"anchor_valid must be {list(anchors.shape[:-1])}, got {list(anchor_valid.shape)}")
 
     def _chunks(self, batch: int, num_gt: int, num_anchors: int) -> list[slice]:
         size = max(1, self.max_chunk_elements // (batch * num_gt))
         return [slice(start, min(start + size, num_anchors)) for start in range(0, num_anchors, size)]
 
-    def _match(self, anchors: Tensor, gt_boxes: Tensor, matchable: Tensor, crowd: Tensor) -> Tensor:
-        batch, num_gt, num_anchors = gt_boxes.shape[0], gt_boxes.shape[1], anchors.shape[0]
+    def _match(
+        self, anchors: Tensor, gt_boxes: Tensor, matchable: Tensor, crowd: Tensor, anchor_valid: Optional[Tensor]
+    ) -> Tensor:
+        """anchors ``[1 or B, A, 4]``; returns int64 ``[B, A]``."""
+        batch, num_gt, num_anchors = gt_boxes.shape[0], gt_boxes.shape[1], anchors.shape[1]
         device = anchors.device
         best_iou = torch.empty((batch, num_anchors), dtype=anchors.dtype, device=device)
         best_gt = torch.empty((batch, num_anchors), dtype=torch.int64, device=device)
@@ -155,9 +154,15 @@ class AnchorMatcher:
         unmatchable = ~matchable[..., None]
         chunks = self._chunks(batch, num_gt, num_anchors)
 
+        def chunk_iou(chunk: slice) -> tuple[Tensor, Tensor, Tensor]:
+            iou, inter, anchor_area = self._chunk_iou(anchors[:, chunk], gt_boxes, gt_area, unmatchable)
+            if anchor_valid is not None:
+                iou.masked_fill_(~anchor_valid[:, None, chunk], -1.0)
+            return iou, inter, anchor_area
+
         # Pass 1: per-anchor best gt, per-gt best IoU (running max), crowd coverage.
         for chunk in chunks:
-            iou, inter, anchor_area = self._chunk_iou(anchors[chunk], gt_boxes, gt_area, unmatchable)
+            iou, inter, anchor_area = chunk_iou(chunk)
             values, indices = iou.max(dim=1)
             best_iou[:, chunk] = values
             best_gt[:, chunk] = indices
@@ -178,7 +183,7 @@ class AnchorMatcher:
             is_gt_best = torch.empty((batch, num_anchors), dtype=torch.bool, device=device)
             threshold = best_iou_per_gt[..., None]
             for chunk in chunks:
-                iou, _, _ = self._chunk_iou(anchors[chunk], gt_boxes, gt_area, unmatchable)
+                iou, _, _ = chunk_iou(chunk)
                 is_gt_best[:, chunk] = ((iou == threshold) & matchable[..., None]).any(dim=1)
                 del iou
             matches = torch.where(is_gt_best, best_gt, matches)
@@ -189,9 +194,10 @@ class AnchorMatcher:
     def _chunk_iou(
         anchors: Tensor, gt_boxes: Tensor, gt_area: Tensor, unmatchable: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """IoU ``[B, G, C]`` (-1 where the gt is unmatchable), intersections ``[B, G, C]``, anchor areas ``[C]``."""
+        """anchors ``[1 or B, C, 4]`` -> IoU ``[B, G, C]`` (-1 where the gt is unmatchable),
+        intersections ``[B, G, C]``, anchor areas ``[1 or B, 1, C]``."""
         inter = pairwise_intersection(gt_boxes, anchors)
-        anchor_area = box_area(anchors)
+        anchor_area = box_area(anchors)[:, None, :]
         union = gt_area + anchor_area
         union.sub_(inter)
         iou = torch.div(inter, union, out=union)

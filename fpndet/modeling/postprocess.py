@@ -14,15 +14,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from .box_coder import BoxCoder
-
-
-def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    """Clip xyxy boxes ``[..., 4]`` to their image's (h, w) in ``image_sizes`` ``[..., 2]`` (pixels)."""
-    h, w = image_sizes[..., 0:1].to(boxes.dtype), image_sizes[..., 1:2].to(boxes.dtype)
-    return torch.minimum(boxes.clamp(min=0), torch.cat([w, h, w, h], dim=-1))
+from .box_ops import batched_class_nms, clip_boxes
 
 
 def logit_of(probability: float) -> float:
@@ -32,20 +26,6 @@ def logit_of(probability: float) -> float:
     if probability >= 1:
         return math.inf
     return math.log(probability / (1 - probability))
-
-
-def batched_class_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within each group, all groups in one call.
-
-    Args: boxes float ``[M, 4]`` xyxy; scores ``[M]``; groups int64 ``[M]`` (e.g. image * K + class).
-    Returns: int64 indices of kept boxes, sorted by decreasing score.
-    """
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    boxes64 = boxes.double()
-    offset = boxes64.max() - boxes64.min() + 1.0
-    shifted = boxes64 + (groups.double() * offset)[:, None]
-    return nms(shifted, scores.double(), iou_threshold)
 
 
 def first_n_per_image(image_index: Tensor, n: int) -> Tensor:

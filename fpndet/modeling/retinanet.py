@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Sequence
 from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
-from .config import RetinaNetConfig
+from .config import ModelConfig
 from .criterion import RetinaNetCriterion
 from .fpn import FeaturePyramid
 from .heads import RetinaNetHead
@@ -40,7 +40,7 @@ class HeadOutputs(NamedTuple):
 
 
 class RetinaNet(nn.Module):
-    """RetinaNet built from a :class:`RetinaNetConfig` (see :func:`fpndet.modeling.build.build_model`).
+    """RetinaNet built from a :class:`ModelConfig` (see :func:`fpndet.modeling.build.build_model`).
 
     Call it as ``model(images, targets=None)``:
 
@@ -58,7 +58,7 @@ class RetinaNet(nn.Module):
     def __init__(
         self,
         *,
-        config: RetinaNetConfig,
+        config: ModelConfig,
         backbone: nn.Module,
         preprocessor: ImagePreprocessor,
         fpn: FeaturePyramid,

@@ -72,12 +72,9 @@ def test_coco128_to_coco_reproduces_annotations(coco128, coco128_dir):
     gt = coco128.to_coco()
     assert len(gt["images"]) == 128 and len(gt["annotations"]) == 939 and len(gt["categories"]) == 80
     assert sum(a["iscrowd"] for a in gt["annotations"]) == 10
-    assert sorted(a["id"] for a in gt["annotations"]) == list(range(1, 940))
     original = sorted((a["image_id"], a["category_id"], *np.round(a["bbox"], 2)) for a in raw["annotations"])
     exported = sorted((a["image_id"], a["category_id"], *np.round(a["bbox"], 2)) for a in gt["annotations"])
     assert original == exported
-    some = gt["annotations"][0]
-    assert some["area"] == pytest.approx(some["bbox"][2] * some["bbox"][3])
 
 
 def _write_coco(tmp_path, annotations, *, categories=None, size=(48, 64)):
@@ -117,7 +114,8 @@ def test_box_entirely_outside_or_empty_is_dropped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"instances\.json: 2 box\(es\) have zero width or height.*annotation id 1"):
         dataset = CocoDetection(path)
     np.testing.assert_allclose(dataset.annotation(0).boxes, [[1, 1, 3, 3]])
-    assert len(dataset.to_coco()["annotations"]) == 1
+    # Evaluation keeps the file's annotations, as pycocotools' COCO(file) does.
+    assert len(dataset.to_coco()["annotations"]) == 3
 
 
 def test_negative_width_is_an_input_error(tmp_path):
@@ -178,3 +176,35 @@ def test_corrupt_image_is_an_input_error_naming_the_image(tmp_path):
     dataset = CocoDetection(path)
     with pytest.raises(InputError, match=r"a\.png: cannot read image"):
         dataset[0]
+
+
+EVAL_KEYS = ("id", "image_id", "category_id", "bbox", "area", "iscrowd")
+
+
+def test_coco128_to_coco_is_the_json_content(coco128, coco128_dir):
+    """Evaluation ground truth = the file's own annotations: ids, unclipped boxes and the
+    annotation's ``area`` (the mask area, which pycocotools' size ranges use), not the box area."""
+    raw = json.loads((coco128_dir / "annotations" / "instances.json").read_text())
+    gt = coco128.to_coco()
+    assert gt["annotations"] == [{key: a[key] for key in EVAL_KEYS} for a in raw["annotations"]]
+    assert [image["id"] for image in gt["images"]] == [image["id"] for image in raw["images"]]
+    assert gt["categories"] == [{"id": c["id"], "name": c["name"]} for c in raw["categories"]]
+
+
+def test_to_coco_keeps_boxes_outside_the_image_and_fills_missing_areas(tmp_path):
+    path = _write_coco(
+        tmp_path,
+        [
+            {**_annotation(11, [50.0, 10.0, 30.0, 8.0]), "area": 123.5},  # reaches 16 px outside: clipped for training
+            _annotation(12, [1.0, 2.0, 0.0, 5.0]),  # zero width: dropped for training, kept for evaluation
+            _annotation(13, [4.0, 4.0, 10.0, 20.0], iscrowd=1),  # no "area": w * h
+        ],
+    )
+    with pytest.warns(UserWarning):
+        dataset = CocoDetection(path)
+    np.testing.assert_allclose(dataset.annotation(0).boxes, [[50, 10, 64, 18], [4, 4, 14, 24]])
+    assert dataset.to_coco()["annotations"] == [
+        {"id": 11, "image_id": 5, "category_id": 3, "bbox": [50.0, 10.0, 30.0, 8.0], "area": 123.5, "iscrowd": 0},
+        {"id": 12, "image_id": 5, "category_id": 3, "bbox": [1.0, 2.0, 0.0, 5.0], "area": 0.0, "iscrowd": 0},
+        {"id": 13, "image_id": 5, "category_id": 3, "bbox": [4.0, 4.0, 10.0, 20.0], "area": 200.0, "iscrowd": 1},
+    ]

@@ -26,7 +26,7 @@ from fpndet.data.loaders import collate_detection
 from fpndet.engine.trainer import Trainer
 from fpndet.errors import TrainingDiverged
 from fpndet.modeling.build import build_model
-from fpndet.modeling.config import RetinaNetConfig
+from fpndet.modeling.config import ModelConfig
 from tests.engine.test_trainer import TOTAL_STEPS, SimulatedCrash, tiny_config
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -73,10 +73,10 @@ def _process_setup(rank: int, port: int) -> None:
 # --------------------------------------------------------------------------------------------
 def tiny_model(normalization: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = RetinaNetConfig(
-        num_classes=4, backbone="resnet18", fpn_channels=32, head_channels=32, head_depth=1,
+    config = ModelConfig(
+        num_classes=4, backbone="resnet18", fpn_channels=32,
         min_size=[128], max_size=128, anchor_sizes=[16.0, 32.0, 64.0, 128.0, 256.0],
-        loss_normalization=normalization,
+        retinanet={"head_channels": 32, "head_depth": 1, "loss_normalization": normalization},
     )
     return build_model(config).train()
 

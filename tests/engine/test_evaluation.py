@@ -364,3 +364,367 @@ def test_voc_detections_only_match_their_own_class():
     assert out["mAP50"] == 0.25
     with pytest.raises(ValueError, match="label 3"):
         voc_map50(detections, [dict(ground_truths[0], labels=torch.tensor([0, 3]))], 3)
+
+
+# -------------------------------------------------------------------------------- issue 7
+# COCO data is evaluated against its own JSON; VOC difficult objects are ignored as the devkit
+# ignores them; model labels are mapped to dataset labels by class name.
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from fpndet.data.formats.coco import CocoDetection  # noqa: E402
+from fpndet.data.formats.voc import VOCDetection  # noqa: E402
+from fpndet.engine.inference import evaluate_detections  # noqa: E402
+from fpndet.errors import InputError  # noqa: E402
+
+
+def _official_cocoeval(gt_path, results_path) -> COCOeval:
+    """pycocotools run directly: COCO(file), loadRes(file), evaluate/accumulate/summarize."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(gt_path))
+        evaluator = COCOeval(coco, coco.loadRes(str(results_path)), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+def _detections_from_ground_truth(content: dict, label_of: dict[int, int], image_ids: list[int], seed: int = 0):
+    """Deterministic detections (xyxy, contiguous labels) derived from a COCO JSON's objects.
+
+    Per object: missed (15 %), else a detection with jitter (std 8 % of the box size) and a
+    random score; sometimes a looser duplicate (10 %) or a second detection of the wrong class
+    (5 %). Per image: 3 false positives of random size (8 to 300 px) and class, some small
+    boxes inside crowd regions. Scores are distinct random values in (0.01, 1).
+    """
+    rng = np.random.default_rng(seed)
+    by_image: dict[int, list[dict]] = {image_id: [] for image_id in image_ids}
+    for annotation in content["annotations"]:
+        by_image[annotation["image_id"]].append(annotation)
+    sizes = {image["id"]: (image["width"], image["height"]) for image in content["images"]}
+    labels_all = sorted(label_of.values())
+    detections = []
+    for image_id in image_ids:
+        boxes, scores, labels = [], [], []
+
+        def add(xywh, label):
+            x, y, w, h = xywh
+            boxes.append([x, y, x + max(w, 0.5), y + max(h, 0.5)])
+            scores.append(float(rng.uniform(0.01, 1.0)))
+            labels.append(label)
+
+        for annotation in by_image[image_id]:
+            x, y, w, h = annotation["bbox"]
+            label = label_of[annotation["category_id"]]
+            if annotation["iscrowd"]:
+                add([x + w / 4, y + h / 4, w / 4, h / 4], label)  # inside the crowd region
+                continue
+            if rng.random() < 0.15:
+                continue
+            jitter = rng.normal(0.0, 0.08, 4) * [w, h, w, h]
+            add([x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]], label)
+            if rng.random() < 0.10:
+                jitter = rng.normal(0.0, 0.25, 4) * [w, h, w, h]
+                add([x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]], label)
+            if rng.random() < 0.05:
+                add([x, y, w, h], int(rng.choice(labels_all)))
+        width, height = sizes[image_id]
+        for _ in range(3):
+            w, h = rng.uniform(8, 300, 2)
+            add([rng.uniform(0, width - 8), rng.uniform(0, height - 8), w, h], int(rng.choice(labels_all)))
+        detections.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "scores": torch.tensor(scores, dtype=torch.float32),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+            }
+        )
+    return detections
+
+
+def _ground_truths(dataset) -> list[dict]:
+    return [
+        {
+            "boxes": torch.as_tensor(r.boxes).reshape(-1, 4),
+            "labels": torch.as_tensor(r.labels),
+            "iscrowd": torch.as_tensor(r.iscrowd),
+        }
+        for r in (dataset.annotation(i) for i in range(len(dataset)))
+    ]
+
+
+def test_coco128_evaluation_equals_pycocotools_on_the_original_json(coco128_dir, tmp_path):
+    """Every metric of fpndet's evaluation equals COCOeval run on the original JSON, exactly."""
+    path = coco128_dir / "annotations" / "instances.json"
+    content = json.loads(path.read_text())
+    dataset = CocoDetection(path)
+    detections = _detections_from_ground_truth(content, dataset.category_id_to_label, dataset.image_ids)
+
+    report = evaluate_detections(dataset, detections, _ground_truths(dataset), out_dir=tmp_path)
+
+    official = _official_cocoeval(path, tmp_path / "detections.json")
+    assert [report["metrics"][name] for name in COCO_METRIC_NAMES] == [float(v) for v in official.stats]
+    np.testing.assert_array_equal(report["precision"], official.eval["precision"])
+    # The detections exercise every size range, with neither perfect nor empty scores.
+    for name in ("APs", "APm", "APl", "ARs", "ARm", "ARl"):
+        assert 0.05 < report["metrics"][name] < 0.95, (name, report["metrics"][name])
+
+
+def _write_voc_root(root: Path, objects: dict[str, list[tuple]], size=(100, 100)) -> Path:
+    """VOC root with one grey image per id; objects ``(name, (xmin, ymin, xmax, ymax), difficult)``
+    in VOC's 1-based inclusive pixels; split "val" lists every id."""
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for stem, items in objects.items():
+        Image.new("RGB", (size[1], size[0]), (90, 90, 90)).save(root / "JPEGImages" / f"{stem}.jpg")
+        xml = "".join(
+            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{b[0]}</xmin>"
+            f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+            for name, b, difficult in items
+        )
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename><size><width>{size[1]}</width>"
+            f"<height>{size[0]}</height><depth>3</depth></size>{xml}</annotation>"
+        )
+    (root / "ImageSets" / "Main" / "val.txt").write_text("\n".join(objects) + "\n")
+    return root
+
+
+def test_voc_difficult_toy_case_coco_ap50_equals_the_devkit(tmp_path):
+    """One dog [0, 0, 20, 20] and one difficult dog [40, 40, 100, 100] (pixel-edge xyxy).
+
+    Detections by score: two exact copies of the difficult box (0.95, 0.93), a small box inside
+    it (0.9, IoU 100/3600), the dog (0.8). Devkit: ignored, ignored (a difficult box absorbs any
+    number of detections: its "detected" flag is never set), FP (IoU < 0.5), TP -> AP50 = 1/2.
+    COCO's crowd rule (intersection over the detection's area) would also ignore the small box
+    -> 1.0; one-to-one ignore matching would make the second copy an FP -> 1/3.
+    """
+    root = _write_voc_root(tmp_path / "voc", {"a": [("dog", (1, 1, 20, 20), 0), ("dog", (41, 41, 100, 100), 1)]})
+    dataset = VOCDetection(root, "val")
+    detections = [
+        {
+            "boxes": torch.tensor(
+                [[40.0, 40.0, 100.0, 100.0], [40.0, 40.0, 100.0, 100.0], [50.0, 50.0, 60.0, 60.0], [0.0, 0.0, 20.0, 20.0]]
+            ),
+            "scores": torch.tensor([0.95, 0.93, 0.9, 0.8]),
+            "labels": torch.zeros(4, dtype=torch.int64),
+        }
+    ]
+    report = evaluate_detections(dataset, detections, _ground_truths(dataset))
+    assert report["metrics"]["VOC_mAP50"] == 0.5
+    assert report["metrics"]["AP50"] == pytest.approx(0.5, abs=1e-12)
+    # AP75 and beyond: the copies (IoU 1) stay ignored, the dog stays a TP.
+    assert report["metrics"]["AP"] == pytest.approx(0.5, abs=1e-12)
+    # The difficult box is no miss: recall 1.
+    assert report["metrics"]["AR100"] == pytest.approx(1.0)
+
+
+def test_voc_difficult_boxes_use_true_iou_and_absorb_any_number_of_detections():
+    """CocoEvaluator: a ``difficult`` annotation is matched by IoU (not crowd IoA), and any number
+    of detections matched to it are ignored; a detection prefers a free regular box."""
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100}],
+        "categories": [{"id": 1, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [40, 40, 60, 60], "area": 3600, "iscrowd": 0,
+             "difficult": 1},
+        ],
+    }
+    r = lambda bbox, score: {"image_id": 1, "category_id": 1, "bbox": bbox, "score": score}  # noqa: E731
+    copies = [r([40, 40, 60, 60], 0.99 - 0.01 * i) for i in range(5)]
+    # Five copies of the difficult box, then the dog: every copy ignored -> AP 1.
+    assert CocoEvaluator(gt).evaluate([*copies, r([0, 0, 20, 20], 0.5)])["metrics"]["AP"] == pytest.approx(1.0)
+    # A small box inside the difficult box is a false positive (IoU 1/36): FP then TP -> 1/2.
+    out = CocoEvaluator(gt).evaluate([r([50, 50, 10, 10], 0.9), r([0, 0, 20, 20], 0.5)])["metrics"]
+    assert out["AP50"] == pytest.approx(0.5, abs=1e-12)
+    # No detection on the difficult box: it is not a miss.
+    assert CocoEvaluator(gt).evaluate([r([0, 0, 20, 20], 0.5)])["metrics"]["AR100"] == pytest.approx(1.0)
+
+
+def test_raccoon_with_difficult_objects_equals_evaluation_without_them(raccoon_dir, tmp_path):
+    """Real raccoon boxes (it has no difficult objects: some are marked difficult in a copy).
+
+    Detections: jittered regular objects, two exact copies of each difficult box and a small box
+    inside it. Evaluating that must equal stock pycocotools on the same data with the difficult
+    boxes and their copies removed, the small boxes kept as the false positives they are.
+    """
+    import xml.etree.ElementTree as ET
+
+    root = tmp_path / "raccoon"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").symlink_to(raccoon_dir / "JPEGImages")
+    (root / "ImageSets").symlink_to(raccoon_dir / "ImageSets")
+    ids = (raccoon_dir / "ImageSets" / "Main" / "val.txt").read_text().split()
+    for index, stem in enumerate(ids):
+        tree = ET.parse(raccoon_dir / "Annotations" / f"{stem}.xml")
+        for number, element in enumerate(tree.getroot().findall("object")):
+            flag = element.find("difficult")
+            if flag is None:
+                flag = ET.SubElement(element, "difficult")
+            flag.text = "1" if index % 3 == 0 and number == 0 else "0"
+        tree.write(root / "Annotations" / f"{stem}.xml")
+    dataset = VOCDetection(root, "val")
+    truths = _ground_truths(dataset)
+    assert sum(int(t["iscrowd"].sum()) for t in truths) == 14
+
+    rng = np.random.default_rng(1)
+    detections, plain_results, plain_annotations = [], [], []
+    for image_id, truth in zip(dataset.image_ids, truths):
+        boxes, kept = [], []
+        for box, difficult in zip(truth["boxes"].tolist(), truth["iscrowd"].tolist()):
+            x1, y1, x2, y2 = box
+            w, h = x2 - x1, y2 - y1
+            if difficult:
+                boxes += [(box, False), (box, False), ([x1 + w / 4, y1 + h / 4, x1 + w / 2, y1 + h / 2], True)]
+            else:
+                jitter = (rng.normal(0.0, 0.06, 4) * [w, h, w, h]).tolist()
+                boxes.append(([x1 + jitter[0], y1 + jitter[1], x2 + jitter[2], y2 + jitter[3]], True))
+                plain_annotations.append(
+                    {"id": len(plain_annotations) + 1, "image_id": image_id, "category_id": 1,
+                     "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0}
+                )
+        # Copies of difficult boxes score lowest so that they never take the single slot of AR1
+        # (an ignored detection still counts against maxDets, as in pycocotools).
+        ranked = rng.permutation(np.linspace(0.2, 0.99, sum(keep for _, keep in boxes))).tolist()
+        scores = [ranked.pop() if keep else 0.1 for _, keep in boxes]
+        detections.append(
+            {
+                "boxes": torch.tensor([b for b, _ in boxes], dtype=torch.float32).reshape(-1, 4),
+                "scores": torch.tensor(scores, dtype=torch.float32),
+                "labels": torch.zeros(len(boxes), dtype=torch.int64),
+            }
+        )
+        single = detections_to_coco_results([detections[-1]], [image_id], [1])
+        plain_results += [result for result, (_, keep) in zip(single, boxes) if keep]
+
+    report = evaluate_detections(dataset, detections, truths)
+
+    plain_gt = {**dataset.to_coco(), "annotations": plain_annotations}
+    plain = CocoEvaluator(plain_gt).evaluate(plain_results)
+    assert report["metrics"] == {**plain["metrics"], "VOC_mAP50": report["metrics"]["VOC_mAP50"]}
+    assert 0.3 < report["metrics"]["AP50"] < 0.99
+
+
+from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights  # noqa: E402
+
+# torchvision's own list of the names of its COCO labels (an independent reference for fpndet's copy).
+COCO91 = list(RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+
+def test_labels_that_are_coco_category_ids_are_evaluated_as_such(coco128_dir, tmp_path):
+    """A torchvision COCO model's labels are category ids: label 1 is "person" (category 1),
+    not the dataset's label 1 (bicycle); label 90 (toothbrush) is valid."""
+    path = coco128_dir / "annotations" / "instances.json"
+    content = json.loads(path.read_text())
+    dataset = CocoDetection(path)
+    identity = {c["id"]: c["id"] for c in content["categories"]}
+    detections = _detections_from_ground_truth(content, identity, dataset.image_ids)
+
+    report = evaluate_detections(dataset, detections, _ground_truths(dataset), out_dir=tmp_path,
+                                 model_class_names=COCO91)
+
+    written = json.loads((tmp_path / "detections.json").read_text())
+    assert {d["category_id"] for d in written} == set(identity)
+    contiguous = _detections_from_ground_truth(content, dataset.category_id_to_label, dataset.image_ids)
+    same = evaluate_detections(dataset, contiguous, _ground_truths(dataset))
+    assert report["metrics"] == same["metrics"]
+
+
+def test_model_classes_missing_from_the_dataset_are_refused_naming_both_lists(coco128_dir):
+    dataset = CocoDetection(coco128_dir / "annotations" / "instances.json")
+    empty = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}]
+    with pytest.raises(InputError) as error:
+        evaluate_detections(dataset, empty, _ground_truths(dataset)[:1], model_class_names=["cat", "dog"])
+    assert "cat, dog" in str(error.value) and "person, bicycle" in str(error.value)
+
+
+def test_model_labels_map_to_dataset_labels_by_name():
+    from fpndet.engine.evaluation import match_model_classes, remap_detection_labels
+
+    assert match_model_classes(["cat", "dog"], ["cat", "dog"]) is None  # the trainer's model: identity
+    mapping = match_model_classes(["dog", "N/A", "cat", "bird"], ["cat", "dog"])
+    assert mapping == [1, -1, 0, -1]  # classes the dataset lacks are dropped
+    detection = {"boxes": torch.arange(16.0).reshape(4, 4), "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
+                 "labels": torch.tensor([0, 1, 2, 3])}
+    (out,) = remap_detection_labels([detection], mapping)
+    assert out["labels"].tolist() == [1, 0] and out["scores"].tolist() == pytest.approx([0.9, 0.7])
+    assert torch.equal(out["boxes"], detection["boxes"][[0, 2]])
+    # A model without names: its labels are the dataset's when the counts agree, else refused.
+    assert match_model_classes(None, ["cat", "dog"], num_model_classes=2) is None
+    with pytest.raises(InputError, match="names no classes and has 3 outputs.*cat, dog"):
+        match_model_classes(None, ["cat", "dog"], num_model_classes=3, source="m.safetensors")
+    with pytest.raises(InputError, match="more than once"):
+        match_model_classes(["cat", "cat", "dog"], ["cat", "dog"])
+
+
+# --------------------------------------------------------------------------------------------
+# RPN proposal recall (FPN paper Table 1), by pycocotools run directly
+# --------------------------------------------------------------------------------------------
+def test_proposal_recall_counts_boxes_found_at_each_iou_and_size():
+    from fpndet.engine.evaluation import proposal_recall, proposals_to_coco_results
+
+    gt = {
+        "images": [{"id": 1, "height": 600, "width": 600}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [100, 100, 200, 200], "area": 40000, "iscrowd": 0},
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [400, 400, 60, 60], "area": 3600, "iscrowd": 0},
+        ],
+    }
+    # the small box found exactly (recall 1 at every IoU), the large one at IoU 200*180/(200*200) = 0.9
+    # (found at thresholds 0.5..0.9: 9 of 10), the medium one only as the 150th proposal
+    boxes = [[0, 0, 20, 20], [100, 100, 300, 280]] + [[500, 0, 510, 10]] * 147 + [[400, 400, 460, 460]]
+    proposals = [{"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.linspace(1, 0.01, len(boxes))}]
+    recall = proposal_recall(gt, proposals_to_coco_results(proposals, [1], 1), max_proposals=(100, 1000))
+    assert recall["AR100"] == pytest.approx((1.0 + 0.9 + 0.0) / 3)
+    assert recall["AR1000"] == pytest.approx((1.0 + 0.9 + 1.0) / 3)
+    assert recall["ARs1000"] == pytest.approx(1.0)
+    assert recall["ARm1000"] == pytest.approx(1.0)
+    assert recall["ARl1000"] == pytest.approx(0.9)
+
+
+def test_proposal_recall_equals_cocoeval_on_the_original_coco128_json(coco128_dir):
+    """Class-agnostic AR from fpndet's evaluation path equals pycocotools' COCOeval run directly on
+    the original instances.json (useCats=0, maxDets [100, 1000])."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from fpndet.data.formats.coco import CocoDetection
+    from fpndet.engine.inference import evaluate_proposals
+
+    path = coco128_dir / "annotations" / "instances.json"
+    dataset = CocoDetection(path)
+    generator = torch.Generator().manual_seed(0)
+    proposals, results = [], []
+    for index in range(len(dataset)):
+        record = dataset.annotation(index)
+        gt = torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
+        jitter = (torch.rand(len(gt), 4, generator=generator) - 0.5) * 0.3 * (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
+        noise = torch.rand(300, 4, generator=generator) * torch.tensor([record.width, record.height] * 2)
+        noise = torch.cat([noise[:, :2].minimum(noise[:, 2:]), noise[:, :2].maximum(noise[:, 2:]) + 1], 1)
+        boxes = torch.cat([gt + jitter, noise])
+        scores = torch.rand(len(boxes), generator=generator)
+        proposals.append({"boxes": boxes, "scores": scores})
+        for (x1, y1, x2, y2), s in zip(boxes.double().tolist(), scores.double().tolist()):
+            results.append({"image_id": record.image_id, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": s})
+    ours = evaluate_proposals(dataset, proposals)["metrics"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(path))
+        official = COCOeval(coco, coco.loadRes(results), iouType="bbox")
+        official.params.useCats = 0
+        official.params.maxDets = [100, 1000]
+        official.evaluate()
+        official.accumulate()
+    recall = official.eval["recall"]
+    expected = {"AR100": recall[:, 0, 0, 0], "AR1000": recall[:, 0, 0, 1], "ARs1000": recall[:, 0, 1, 1],
+                "ARm1000": recall[:, 0, 2, 1], "ARl1000": recall[:, 0, 3, 1]}
+    for name, values in expected.items():
+        assert ours[name] == float(values[values > -1].mean()), name
+    assert 0.2 < ours["AR100"] < ours["AR1000"] < 1.0

@@ -17,7 +17,7 @@ from fpndet.engine import inspect as inspect_module
 from fpndet.engine.plots import PALETTE
 from fpndet.engine.inspect import box_coverage, image_anchors, input_geometry, inspect_dataset, pyramid_grids
 from fpndet.modeling.build import build_anchor_generator, build_model
-from fpndet.modeling.config import RetinaNetConfig
+from fpndet.modeling.config import ModelConfig, named_config
 from fpndet.modeling.matcher import AnchorMatcher
 
 
@@ -49,9 +49,9 @@ def _record(image_id, boxes, labels, crowd=None, size=(256, 256)) -> ImageRecord
     )
 
 
-def _config(**changes) -> RetinaNetConfig:
+def _config(**changes) -> ModelConfig:
     """Images of 256 px stay 256 px (scale 1), so anchors are in image pixels."""
-    return RetinaNetConfig(num_classes=2, min_size=[256], max_size=256, **changes)
+    return ModelConfig(num_classes=2, min_size=[256], max_size=256, **changes)
 
 
 def _valid_png(path) -> Image.Image:
@@ -70,18 +70,19 @@ BOX_4PX = [6, 6, 10, 10]  # 4x4 px: no default anchor reaches IoU 0.5
 
 
 def test_input_geometry_follows_the_model_resize():
-    cfg = RetinaNetConfig(min_size=[416], max_size=640)
+    cfg = ModelConfig(min_size=[416], max_size=640)
     geometry = input_geometry(300, 500, cfg)  # long side limits: scale 640/500 = 1.28
     assert geometry.resized == (384, 640) and geometry.padded == (384, 640)
     assert geometry.box_scale == pytest.approx((1.28, 1.28))
-    geometry = input_geometry(375, 500, RetinaNetConfig(min_size=[320, 416], max_size=1333))
+    geometry = input_geometry(375, 500, ModelConfig(min_size=[320, 416], max_size=1333))
     assert geometry.resized == (416, 554)  # short side min_size[-1]; floor(500 * 416/375) = 554
     assert geometry.padded == (416, 576)
     assert pyramid_grids((416, 576), 3, 7) == [(52, 72), (26, 36), (13, 18), (7, 9), (4, 5)]
 
 
 def test_image_anchors_are_the_models_anchors():
-    cfg = RetinaNetConfig(num_classes=2, backbone="resnet18", fpn_channels=16, head_channels=16, head_depth=1)
+    cfg = ModelConfig(num_classes=2, backbone="resnet18", fpn_channels=16,
+                      retinanet={"head_channels": 16, "head_depth": 1})
     model = build_model(cfg).eval()
     padded = (224, 352)  # 352 / 64 = 5.5: P6 and P7 grids are rounded up
     with torch.no_grad():
@@ -219,7 +220,7 @@ def _voc_object_count(root, split: str) -> int:
 
 def test_inspect_raccoon(raccoon_dir, tmp_path):
     dataset = open_dataset(raccoon_dir, split="train")
-    cfg = RetinaNetConfig(num_classes=1, min_size=[416], max_size=640)
+    cfg = ModelConfig(num_classes=1, min_size=[416], max_size=640)
     report = inspect_dataset(dataset, cfg, tmp_path, samples=4)
     summary = report["summary"]
     assert summary["images"] == 160
@@ -245,7 +246,7 @@ def test_inspect_raccoon(raccoon_dir, tmp_path):
 def test_inspect_shapes(tmp_path):
     dataset = ShapesDataset(split="val", num_images=24, image_size=(128, 128))
     boxes = sum(len(dataset.annotation(i).boxes) for i in range(len(dataset)))
-    base = RetinaNetConfig(num_classes=4, min_size=[128], max_size=128)
+    base = ModelConfig(num_classes=4, min_size=[128], max_size=128)
     small = base.replace(anchor_sizes=[16.0, 32.0, 64.0, 128.0, 256.0])
     default = inspect_dataset(dataset, base, tmp_path / "default", samples=0)
     tuned = inspect_dataset(dataset, small, tmp_path / "small", samples=4)
@@ -266,7 +267,7 @@ def test_inspect_shapes(tmp_path):
 def test_datasets_without_annotation_are_read_through_getitem(tmp_path):
     """A torch ``Subset`` has no ``annotation()``: its samples are decoded instead, same numbers."""
     shapes = ShapesDataset(split="val", num_images=6, image_size=(96, 96))
-    cfg = RetinaNetConfig(num_classes=4, min_size=[96], max_size=96, anchor_sizes=[16.0, 32.0, 64.0, 128.0, 256.0])
+    cfg = ModelConfig(num_classes=4, min_size=[96], max_size=96, anchor_sizes=[16.0, 32.0, 64.0, 128.0, 256.0])
     direct = inspect_dataset(shapes, cfg, tmp_path / "direct", samples=0)
     subset = inspect_dataset(torch.utils.data.Subset(shapes, range(6)), cfg, tmp_path / "subset", samples=2)
     for key in ("images", "boxes", "coverage", "coverage_per_level", "mean_fg_anchors_per_box", "uncovered"):
@@ -274,3 +275,29 @@ def test_datasets_without_annotation_are_read_through_getitem(tmp_path):
     labels = [int(label) for i in range(6) for label in shapes.annotation(i).labels]
     assert subset["summary"]["classes"] == {str(k): labels.count(k) for k in sorted(set(labels))}
     assert _valid_png(tmp_path / "subset" / "samples.png").size == (2 * 96, 96)
+
+
+def test_two_stage_inspection_uses_rpn_anchors_and_counts_roi_levels(tmp_path):
+    """Faster R-CNN: coverage by the RPN's anchors (one size per level P2..P6, IoU 0.7), and the
+    ground-truth boxes per RoI level by FPN eq. (1)."""
+    cfg = named_config("faster_rcnn_r50_fpn", num_classes=1, min_size=[448], max_size=448, backbone="resnet18")
+    boxes = np.array([[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 448, 448], [10, 10, 18, 18], [0, 0, 64, 64]],
+                     dtype=np.float32)
+    record = ImageRecord(image_id=1, file_name="x.jpg", height=448, width=448, boxes=boxes,
+                         labels=np.zeros(5, np.int64), iscrowd=np.zeros(5, bool))
+
+    class OneImage:
+        class_names = ["thing"]
+
+        def __len__(self):
+            return 1
+
+        def annotation(self, index):
+            return record
+
+    report = inspect_dataset(OneImage(), cfg, tmp_path, samples=0)
+    assert report["summary"]["roi_levels"] == {"P2": 2, "P3": 1, "P4": 1, "P5": 1}
+    assert report["model"]["foreground_iou"] == 0.7 and report["model"]["min_level"] == 2
+    # the 64 px square equals the ratio-1 anchor of P3 (size 64) placed at the origin: covered there
+    assert set(report["summary"]["coverage_per_level"]) >= {"P2", "P3"}
+    assert report["summary"]["coverage"] >= 0.8

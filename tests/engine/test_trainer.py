@@ -25,7 +25,7 @@ def tiny_config(out_dir: Path, *overrides: str):
     return load_config(None, [
         "data.train=shapes", "data.shapes_train_images=16", "data.shapes_val_images=8",
         "data.shapes_image_size=128", "data.num_workers=0",
-        "model.backbone=resnet18", "model.fpn_channels=32", "model.head_channels=32", "model.head_depth=1",
+        "model.backbone=resnet18", "model.fpn_channels=32", "model.retinanet.head_channels=32", "model.retinanet.head_depth=1",
         "model.min_size=[96,128]", "model.max_size=128", "model.anchor_sizes=[16,32,64,128,256]",
         "train.batch_size=4", f"train.output_dir={out_dir}", "train.log_every=1", "train.warmup_iters=2",
         "train.epochs=null", f"train.max_iters={TOTAL_STEPS}", "train.device=cpu",

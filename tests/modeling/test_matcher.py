@@ -10,7 +10,8 @@ import torch
 from torchvision.models.detection._utils import Matcher
 from torchvision.ops import box_iou
 
-from fpndet.modeling.matcher import BACKGROUND, IGNORE, AnchorMatcher, pairwise_intersection, pairwise_iou
+from fpndet.modeling.box_ops import pairwise_intersection, pairwise_iou
+from fpndet.modeling.matcher import BACKGROUND, IGNORE, AnchorMatcher
 
 
 def random_boxes(n: int, *, generator: torch.Generator, size: float = 200.0, max_side: float = 80.0) -> torch.Tensor:
@@ -236,3 +237,46 @@ def test_chunked_matching_bounds_peak_memory():
     # One chunk: several full-size intermediates live at once (measured ~1.2 GB).
     assert unchunked["peak_growth"] > 2 * one_full_intermediate
     assert unchunked["peak_growth"] > 3 * chunked["peak_growth"]
+
+
+# ------------------------------------------------------------------------------------------
+# Per-image candidates [B, N, 4] (Fast R-CNN RoIs) against a per-image reference
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fg, bg, low_quality", [(0.5, 0.5, False), (0.7, 0.3, True)])
+def test_per_image_candidates_equal_per_image_matching(fg, bg, low_quality):
+    torch.manual_seed(3)
+    batch, num_candidates = 3, 400
+    xy = torch.rand(batch, num_candidates, 2) * 300
+    candidates = torch.cat([xy, xy + 5 + torch.rand(batch, num_candidates, 2) * 120], dim=-1)
+    gt_xy = torch.rand(batch, 6, 2) * 300
+    gt = torch.cat([gt_xy, gt_xy + 10 + torch.rand(batch, 6, 2) * 100], dim=-1)
+    gt_valid = torch.tensor([[True] * 6, [True] * 2 + [False] * 4, [False] * 6])
+    gt_crowd = torch.zeros(batch, 6, dtype=torch.bool)
+    gt_crowd[0, 5] = True
+    candidate_valid = torch.ones(batch, num_candidates, dtype=torch.bool)
+    candidate_valid[1, 300:] = False
+    candidates[1, 300:] = 0.0  # padding
+    matcher = AnchorMatcher(foreground_iou=fg, background_iou=bg, allow_low_quality_matches=low_quality,
+                            max_chunk_elements=1000)
+    batched = matcher(candidates, gt, gt_valid, gt_crowd, candidate_valid)
+    assert batched.shape == (batch, num_candidates)
+    for image in range(batch):
+        real = candidate_valid[image]
+        single = matcher(candidates[image][real], gt[image : image + 1], gt_valid[image : image + 1],
+                         gt_crowd[image : image + 1])
+        assert torch.equal(batched[image][real], single[0]), image
+        assert bool((batched[image][~real] == IGNORE).all())
+    assert bool((batched[2] == BACKGROUND).all())
+    assert bool((batched[0] >= 0).any())
+
+
+def test_per_image_candidate_shapes_are_checked():
+    matcher = AnchorMatcher()
+    gt = torch.zeros(2, 1, 4)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="differ in B"):
+        matcher(torch.zeros(3, 5, 4), gt, mask, ~mask)
+    with pytest.raises(ValueError, match="anchor_valid"):
+        matcher(torch.zeros(2, 5, 4), gt, mask, ~mask, torch.ones(2, 4, dtype=torch.bool))

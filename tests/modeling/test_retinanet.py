@@ -11,7 +11,7 @@ from torchvision.ops import batched_nms
 from fpndet.modeling.anchors import AnchorGenerator, cell_anchors
 from fpndet.modeling.box_coder import BoxCoder
 from fpndet.modeling.build import build_model
-from fpndet.modeling.config import RetinaNetConfig, named_config
+from fpndet.modeling.config import ModelConfig, RetinaNetConfig, named_config
 from fpndet.modeling.fpn import FeaturePyramid
 from fpndet.modeling.heads import RetinaNetHead
 from fpndet.modeling.postprocess import DetectionPostprocessor
@@ -19,11 +19,13 @@ from fpndet.modeling.retinanet import LossesAndDetections
 from fpndet.modeling.weights import load_matching_weights
 
 
-def tiny(**changes) -> RetinaNetConfig:
-    base = dict(num_classes=3, backbone="resnet18", fpn_channels=32, head_channels=32, head_depth=1,
-                min_size=[128], max_size=160)
+def tiny(**changes) -> ModelConfig:
+    """A small ResNet-18 RetinaNet; RetinaNet-section fields may be given flat (``cls_loss=...``)."""
+    retinanet = {"head_channels": 32, "head_depth": 1}
+    retinanet.update({k: changes.pop(k) for k in list(changes) if k in RetinaNetConfig.__dataclass_fields__})
+    base = dict(num_classes=3, backbone="resnet18", fpn_channels=32, min_size=[128], max_size=160, retinanet=retinanet)
     base.update(changes)
-    return RetinaNetConfig(**base)
+    return ModelConfig(**base)
 
 
 def sample_batch():
@@ -345,7 +347,23 @@ def test_torchvision_presets_keep_torchvision_anchor_placement_and_old_checkpoin
     assert named_config("retinanet_r50_fpn_v2_tv").anchor_placement == "image"
     assert named_config("retinanet_r50_fpn").anchor_placement == "level"
     written_before = {k: v for k, v in tiny().to_dict().items() if k != "anchor_placement"}
-    assert RetinaNetConfig.from_dict(written_before).anchor_placement == "image"
+    assert ModelConfig.from_dict(written_before).anchor_placement == "image"
+
+
+def test_checkpoint_configs_written_before_the_sections_rebuild_their_model():
+    """A flat RetinaNet config (fpndet checkpoints up to this change) reads into the sections."""
+    flat = {k: v for k, v in tiny().to_dict().items() if k not in ("retinanet", "rpn", "roi_heads", "arch",
+                                                                    "anchor_placement", "fpn_top_block",
+                                                                    "fpn_top_down", "fpn_lateral", "fpn_norm")}
+    flat.update(head_channels=32, head_depth=1, cls_loss="softmax_focal", box_loss="giou", topk_candidates=500)
+    config = ModelConfig.from_dict(flat)
+    assert config.arch == "retinanet" and config.anchor_placement == "image"
+    assert (config.retinanet.cls_loss, config.retinanet.box_loss, config.retinanet.topk_candidates) == (
+        "softmax_focal", "giou", 500)
+    model = build_model(config)
+    assert model.head.num_logits == 4 and model.postprocessor.topk_candidates == 500
+    with pytest.raises(ValueError, match="unknown fields"):
+        ModelConfig.from_dict({**flat, "head_dpeth": 2})
 
 
 def test_normalisation_follows_the_backbone_unless_the_config_sets_it():

@@ -9,6 +9,10 @@
   is an error; boxes more than 1 px outside their image are clipped with a warning; boxes left
   empty (zero-size, or entirely outside the image) are dropped with a warning. Warnings and
   errors name the JSON file and the annotation id.
+- Clipping and dropping concern the samples (training, pictures) only. Evaluation uses the
+  file's own annotations (:meth:`CocoDetection.to_coco`): ids, unclipped ``bbox`` and the
+  annotation's ``area`` as given, because pycocotools splits small/medium/large by that ``area``
+  (the mask area in COCO, not the box area).
 """
 
 from __future__ import annotations
@@ -65,8 +69,38 @@ class CocoDetection(DetectionDataset):
         self.images_dir = (
             Path(images_dir) if images_dir is not None else _default_images_dir(self.instances_json, images)
         )
+        self._images = images
+        self._categories = [{"id": i, "name": name} for i, name in _parse_categories(content, self.instances_json)]
         self._records = self._build_records(images, _required_list(content, "annotations", self.instances_json))
         self.image_ids = [record.image_id for record in self._records]
+
+    def to_coco(self) -> dict[str, list[dict[str, Any]]]:
+        """The file's own ground truth, for pycocotools evaluation (what ``COCO(instances_json)``
+        evaluates, keeping only the keys box evaluation reads).
+
+        Returns:
+            ``{"images", "annotations", "categories"}`` in the file's order. Images carry ``id``,
+            ``file_name`` (as in the file), ``height``, ``width``; categories ``id`` and ``name``;
+            annotations ``id``, ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]`` pixels
+            exactly as given (not clipped; zero-size boxes kept), ``area`` as given (the mask
+            area in COCO, which decides small/medium/large; ``w * h`` when the key is absent) and
+            ``iscrowd`` (0 when absent). Annotation ids are the file's when every annotation has
+            a distinct positive integer id, else ``1..M`` in file order (pycocotools reserves 0
+            for "unmatched").
+        """
+        e = self._eval_annotations
+        annotations = [
+            {"id": i, "image_id": image_id, "category_id": category_id, "bbox": bbox, "area": area, "iscrowd": crowd}
+            for i, image_id, category_id, bbox, area, crowd in zip(
+                e["id"].tolist(), e["image_id"].tolist(), e["category_id"].tolist(), e["bbox"].tolist(),
+                e["area"].tolist(), e["iscrowd"].tolist(),
+            )
+        ]
+        return {
+            "images": [dict(image) for image in self._images],
+            "annotations": annotations,
+            "categories": [dict(category) for category in self._categories],
+        }
 
     def __len__(self) -> int:
         return len(self._records)
@@ -85,6 +119,7 @@ class CocoDetection(DetectionDataset):
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         sizes = np.array([[images[i]["height"], images[i]["width"]] for i in image_index], np.float64).reshape(-1, 2)
         names = [r[4] for r in rows]
+        self._eval_annotations = _evaluation_arrays(rows, xywh, [images[i]["id"] for i in image_index])
         boxes, keep = clip_annotation_boxes(xyxy, sizes, source=self.instances_json, object_names=names)
         records = [
             ImageRecord.empty(
@@ -105,10 +140,11 @@ class CocoDetection(DetectionDataset):
         return records
 
     def _parse_annotation(self, annotation: Any, index: int, position: dict[int, int]) -> tuple:
-        """One annotation -> ``(image position, label, iscrowd, [x, y, w, h], description)``.
+        """One annotation -> ``(image position, label, iscrowd, [x, y, w, h], description, id,
+        category_id, area)``.
 
         The ``id`` key is optional (the description then says ``annotations[i]``); ``iscrowd``
-        defaults to 0.
+        defaults to 0; ``area`` is optional (None) but must be a finite number >= 0 when given.
         """
         where = f"annotations[{index}]"
         annotation_id = _field(annotation, "id", where, self.instances_json) if _has(annotation, "id") else None
@@ -126,7 +162,32 @@ class CocoDetection(DetectionDataset):
         if not _is_number_list(bbox, 4):
             raise InputError(self.instances_json, f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
         crowd = bool(annotation.get("iscrowd", 0))
-        return position[image_id], self.category_id_to_label[category_id], crowd, bbox, where
+        area = annotation.get("area")
+        if area is not None and not (_is_number_list([area], 1) and np.isfinite(area) and area >= 0):
+            raise InputError(self.instances_json, f"{where}: 'area' must be a number >= 0, got {area!r}")
+        return position[image_id], self.category_id_to_label[category_id], crowd, bbox, where, annotation_id, \
+            category_id, area
+
+
+def _evaluation_arrays(rows: list[tuple], xywh: np.ndarray, image_ids: list[int]) -> dict[str, np.ndarray]:
+    """The annotations as pycocotools reads them, compactly (no Python dict per object kept):
+    ``id`` int64[M], ``image_id`` int64[M], ``category_id`` int64[M], ``bbox`` float64[M, 4]
+    ``[x, y, w, h]`` as given, ``area`` float64[M] (given, else ``w * h``), ``iscrowd`` int64[M]."""
+    given_ids = [r[5] for r in rows]
+    ids_usable = all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in given_ids) and len(
+        set(given_ids)
+    ) == len(given_ids)
+    areas = np.array([np.nan if r[7] is None else float(r[7]) for r in rows], dtype=np.float64)
+    missing = np.isnan(areas)
+    areas[missing] = xywh[missing, 2] * xywh[missing, 3]
+    return {
+        "id": np.array(given_ids if ids_usable else range(1, len(rows) + 1), dtype=np.int64),
+        "image_id": np.array(image_ids, dtype=np.int64),
+        "category_id": np.array([r[6] for r in rows], dtype=np.int64),
+        "bbox": xywh.astype(np.float64).reshape(-1, 4),
+        "area": areas,
+        "iscrowd": np.array([int(r[2]) for r in rows], dtype=np.int64),
+    }
 
 
 def _read_json(path: Path) -> Any:

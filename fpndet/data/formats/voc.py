@@ -3,8 +3,10 @@
 - VOC pixel coordinates are 1-based and inclusive: ``xmin=1`` is the first pixel column and
   ``xmax=W`` the last. In fpndet's pixel-edge xyxy convention (:mod:`fpndet.data.records`)
   that box is ``[xmin - 1, ymin - 1, xmax, ymax]``.
-- ``<difficult>1</difficult>`` objects become ignore regions (``iscrowd=True``: never positives
-  in training, ignored in evaluation), or are left out with ``keep_difficult=False``.
+- ``<difficult>1</difficult>`` objects become ignore regions in the samples (``iscrowd=True``:
+  never positives in training), or are left out with ``keep_difficult=False``. In evaluation
+  (:meth:`VOCDetection.to_coco`) they are ``difficult``, not crowd, and ignored as the VOC
+  devkit ignores them (see :class:`fpndet.engine.evaluation.CocoEvaluator`).
 - Classes: an explicit list (``class_names`` or ``classes_file``, one name per line), else the
   sorted unique object names over *all* XML files of ``Annotations/`` (not only the split's),
   so that every split of a root gets the same labels.
@@ -21,6 +23,7 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,6 +87,21 @@ class VOCDetection(DetectionDataset):
 
     def annotation_file(self, index: int) -> str:
         return self._xml_paths[index]
+
+    def to_coco(self) -> dict[str, list[dict[str, Any]]]:
+        """COCO-format ground truth (see :meth:`DetectionDataset.to_coco`) where difficult
+        objects carry ``"difficult": 1`` and ``"iscrowd": 0`` (every annotation has both keys).
+
+        A crowd region would absorb any detection mostly inside it (pycocotools' crowd IoU is the
+        intersection over the detection's area); the devkit instead matches difficult objects by
+        IoU and only ignores the detections so matched. :class:`~fpndet.engine.evaluation.
+        CocoEvaluator` implements that for ``difficult`` annotations.
+        """
+        coco = super().to_coco()
+        for annotation in coco["annotations"]:
+            annotation["difficult"] = annotation["iscrowd"]
+            annotation["iscrowd"] = 0
+        return coco
 
     def _to_record(self, index: int, image_id: str, parsed: _ParsedXml) -> ImageRecord:
         xml_path = parsed.path
