@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .data.detect import open_dataset
     from .engine.evaluation import format_metrics_table, format_per_class_table, match_model_classes
-    from .engine.inference import evaluate_detections, run_inference
+    from .engine.inference import evaluate_detections, evaluate_proposals, run_inference
     from .engine.model_io import load_detector, weights_file
     from .engine.trainer import resolve_device
 
@@ -118,9 +118,11 @@ def cmd_eval(args) -> int:
     model, class_names = load_detector(args.weights, device=device, overrides={"score_thresh": args.score_thresh},
                                        named_only=True)
     dataset = open_dataset(args.data, split=args.split, format=args.format)
+    proposals_only = model.config.arch == "rpn"
     # Refused before the (long) inference when the model's classes do not cover the dataset's.
-    match_model_classes(class_names, dataset.class_names, num_model_classes=model.config.num_classes,
-                        source=weights_file(args.weights))
+    if not proposals_only:
+        match_model_classes(class_names, dataset.class_names, num_model_classes=model.config.num_classes,
+                            source=weights_file(args.weights))
     if class_names is None:
         print(f"note: {weights_file(args.weights)} names no classes: its labels are taken as the dataset's "
               f"classes in order ({', '.join(dataset.class_names)})", file=sys.stderr)
@@ -129,10 +131,14 @@ def cmd_eval(args) -> int:
     detections, gts = run_inference(model, dataset, batch_size=args.batch_size, device=device,
                                     max_images=args.max_images, progress=True)
     seconds = time.perf_counter() - start
-    report = evaluate_detections(dataset, detections, gts, out_dir=out, model_class_names=class_names,
-                                 model_source=weights_file(args.weights))
-    print(format_metrics_table(report["metrics"]))
-    print(format_per_class_table(report["per_class_ap"], report["per_class_ap50"]))
+    if proposals_only:  # class-agnostic proposal recall (FPN paper Table 1)
+        report = evaluate_proposals(dataset, detections, out_dir=out)
+        print(format_metrics_table(report["metrics"], title="RPN proposal recall (class-agnostic)"))
+    else:
+        report = evaluate_detections(dataset, detections, gts, out_dir=out, model_class_names=class_names,
+                                     model_source=weights_file(args.weights))
+        print(format_metrics_table(report["metrics"]))
+        print(format_per_class_table(report["per_class_ap"], report["per_class_ap50"]))
     print(f"{len(detections)} images in {seconds:.1f} s ({1000 * seconds / max(1, len(detections)):.0f} ms/image); results in {out}")
     return 0
 

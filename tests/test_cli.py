@@ -429,3 +429,30 @@ def test_inspect_raccoon(raccoon_dir, tmp_path, capsys):
         with Image.open(out / name) as image:
             assert image.format == "PNG"
     assert f"report and figures in {out}/" in text
+
+
+def test_every_command_runs_a_faster_rcnn_and_an_rpn(tmp_path, capsys):
+    """train / eval / predict / inspect with model.arch=faster_rcnn and rpn: the run folder rebuilds
+    the architecture, and an RPN is evaluated by class-agnostic proposal recall."""
+    annotations = write_coco(tmp_path / "coco")
+    for arch in ("faster_rcnn", "rpn"):
+        run = tmp_path / f"run_{arch}"
+        overrides = ["model.preset=faster_rcnn_r50_fpn", f"model.arch={arch}", "model.backbone=resnet18",
+                     "model.min_size=[96]", "model.max_size=128", "model.fpn_channels=16",
+                     "model.roi_heads.fc_dim=32", f"train.output_dir={run}", "train.epochs=null", "train.max_iters=2",
+                     "train.batch_size=2", "train.device=cpu", "data.num_workers=0", "train.warmup_iters=1"]
+        assert main(["train", "--data", str(annotations), *overrides]) == 0, arch
+        metrics = json.loads((run / "eval" / "metrics.json").read_text())["metrics"]
+        assert ("AR1000" in metrics) == (arch == "rpn") and ("AP" in metrics) == (arch != "rpn")
+        out = tmp_path / f"eval_{arch}"
+        assert main(["eval", "--weights", str(run), "--data", str(annotations), "--output", str(out),
+                     "--device", "cpu"]) == 0
+        text = capsys.readouterr().out
+        assert ("RPN proposal recall" in text) == (arch == "rpn")
+        assert main(["predict", "--weights", str(run), str(annotations.parent.parent / "images"),
+                     "--output", str(tmp_path / f"pred_{arch}"), "--score-thresh", "0.0", "--device", "cpu"]) == 0
+        assert list((tmp_path / f"pred_{arch}").glob("*.json"))
+    assert main(["inspect", "--data", str(annotations), "--output", str(tmp_path / "inspect"),
+                 "model.preset=faster_rcnn_r50_fpn", "model.min_size=[96]", "model.max_size=128"]) == 0
+    report = json.loads((tmp_path / "inspect" / "report.json").read_text())
+    assert set(report["summary"]["roi_levels"]) == {"P2", "P3", "P4", "P5"}
