@@ -16,7 +16,6 @@ torchvision and detectron2 do), so a resize here would be undone there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch

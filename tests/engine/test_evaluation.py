@@ -572,7 +572,7 @@ def test_raccoon_with_difficult_objects_equals_evaluation_without_them(raccoon_d
     rng = np.random.default_rng(1)
     detections, plain_results, plain_annotations = [], [], []
     for image_id, truth in zip(dataset.image_ids, truths):
-        boxes, kept = [], []
+        boxes = []
         for box, difficult in zip(truth["boxes"].tolist(), truth["iscrowd"].tolist()):
             x1, y1, x2, y2 = box
             w, h = x2 - x1, y2 - y1

@@ -25,7 +25,6 @@ from torchvision.models.detection import _utils as tv_det_utils  # noqa: E402
 from torchvision.models.detection.rpn import concat_box_prediction_layers  # noqa: E402
 
 from fpndet.data.images import load_image  # noqa: E402
-from fpndet.modeling.backbones import ResNetBackbone  # noqa: E402
 from fpndet.modeling.build import build_model  # noqa: E402
 from fpndet.modeling.config import named_config  # noqa: E402
 from fpndet.modeling.sampling import PADDING, POSITIVE, NEGATIVE  # noqa: E402
