@@ -141,7 +141,7 @@ def build_roi_heads(config: ModelConfig) -> RoIHeads:
 
 def build_faster_rcnn(config: ModelConfig) -> FasterRCNN:
     """Faster R-CNN with FPN (arch "faster_rcnn"), the RPN alone ("rpn") or the RoI heads alone
-    on given proposals ("fast_rcnn"; the RPN is built but unused and untrained)."""
+    on given proposals ("fast_rcnn": no RPN; the model refuses to run without proposals)."""
     backbone = build_backbone(config)
     return FasterRCNN(
         num_classes=config.num_classes,
@@ -149,7 +149,7 @@ def build_faster_rcnn(config: ModelConfig) -> FasterRCNN:
         backbone=backbone,
         preprocessor=build_preprocessor(config, backbone),
         fpn=build_pyramid(config, backbone),
-        rpn=build_rpn(config),
+        rpn=build_rpn(config) if config.uses_rpn else None,
         roi_heads=build_roi_heads(config) if config.uses_roi_heads else None,
     )
 

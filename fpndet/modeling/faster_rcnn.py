@@ -46,7 +46,8 @@ class FasterRCNN(nn.Module):
         backbone: emits the levels the FPN takes (C2..C5, ``levels=(2, 3, 4, 5)``).
         preprocessor: an :class:`ImagePreprocessor` (short side 800, long side ≤ 1333, /32).
         fpn: a :class:`FeaturePyramid` giving P2..P6 (``top_block="max_pool"``).
-        rpn: a :class:`RegionProposalNetwork` (uses every FPN level).
+        rpn: a :class:`RegionProposalNetwork` (uses every FPN level), or None for a Fast R-CNN
+            model that only runs on given proposals.
         roi_heads: a :class:`RoIHeads` (its pooler picks its levels among the FPN's), or None for
             a proposals-only model.
     """
@@ -59,7 +60,7 @@ class FasterRCNN(nn.Module):
         backbone: nn.Module,
         preprocessor: ImagePreprocessor,
         fpn: FeaturePyramid,
-        rpn: RegionProposalNetwork,
+        rpn: Optional[RegionProposalNetwork],
         roi_heads: Optional[RoIHeads] = None,
     ):
         super().__init__()
@@ -101,6 +102,8 @@ class FasterRCNN(nn.Module):
             raise ValueError("FasterRCNN in training mode needs targets")
         if proposals is not None and self.roi_heads is None:
             raise ValueError("external proposals need a model with RoI heads")
+        if proposals is None and self.rpn is None:
+            raise ValueError("a Fast R-CNN model (no RPN) needs proposals: model(images, targets, proposals=[...])")
         if targets is not None:
             check_targets(targets, self.num_classes)
         batch = self.preprocessor(images, targets)

@@ -1,6 +1,7 @@
 """Box maths against torchvision.ops."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, generalized_box_iou, remove_small_boxes
 
@@ -36,3 +37,21 @@ def test_giou_clip_small_boxes_and_nms_equal_torchvision():
     scores = torch.rand(50, generator=torch.Generator().manual_seed(4))
     groups = torch.arange(50) % 3
     assert torch.equal(batched_class_nms(a, scores, groups, 0.3), batched_nms(a, scores, groups, 0.3))
+
+
+@pytest.mark.parametrize("count", [3000, 6000])  # the one-call path and the per-group path (> 4000 on CPU)
+def test_batched_class_nms_equals_nms_per_group(count):
+    from torchvision.ops import nms
+
+    from fpndet.modeling.box_ops import batched_class_nms
+
+    generator = torch.Generator().manual_seed(0)
+    xy = torch.rand(count, 2, generator=generator) * 300
+    boxes = torch.cat([xy, xy + 10 + torch.rand(count, 2, generator=generator) * 60], 1)
+    scores = torch.rand(count, generator=generator)
+    groups = torch.randint(0, 12, (count,), generator=generator)
+    keep = batched_class_nms(boxes, scores, groups, 0.5)
+    reference = torch.cat([torch.nonzero(groups == g).flatten()[nms(boxes[groups == g], scores[groups == g], 0.5)]
+                           for g in range(12)])
+    assert set(keep.tolist()) == set(reference.tolist()) and len(keep) == len(reference)
+    assert torch.all(scores[keep][:-1] >= scores[keep][1:])  # by decreasing score

@@ -132,3 +132,19 @@ def test_torchvision_checkpoint_files_are_recognised_and_named(tmp_path, arch):
         finetune = from_torchvision(reference.state_dict(), arch=arch, num_classes=3)
     assert finetune.roi_heads.predictor.cls_score.out_features == 4
     assert torch.equal(finetune.rpn.head.objectness.weight, reference.rpn.head.cls_logits.weight)
+
+
+def test_fast_rcnn_arch_has_no_rpn_and_runs_only_on_given_proposals(data):
+    """model.arch=fast_rcnn (FPN Table 2): RoI heads only; without proposals it refuses, with
+    proposals it trains (no RPN losses) and detects."""
+    images, targets = data
+    model = small_model("fast_rcnn").train()
+    assert model.rpn is None and model.roi_heads is not None
+    assert not any(name.startswith("rpn.") for name in model.state_dict())
+    with pytest.raises(ValueError, match="needs proposals"):
+        model(images, targets)
+    proposals = [torch.tensor([[5.0, 15, 85, 95], [40, 5, 160, 70], [0, 0, 50, 50]]), torch.tensor([[10.0, 10, 60, 60]])]
+    losses = model(images, targets, proposals=proposals)
+    assert set(losses) == {"loss_cls", "loss_box"} and all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        assert len(model.eval()(images, proposals=proposals)) == 2
