@@ -100,6 +100,9 @@ class Trainer:
     """Args: cfg: the resolved experiment config; resume: continue from ``output_dir/last.pth``."""
 
     def __init__(self, cfg: DictConfig, *, resume: bool = False):
+        if cfg.model.arch == "fast_rcnn":
+            raise InputError(None, "model.arch=fast_rcnn runs on given proposals, and the trainer cannot read a "
+                             "proposals file yet: train model.arch=faster_rcnn, or call the model with proposals=[...]")
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.device = resolve_device(cfg.train.device)
