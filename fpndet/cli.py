@@ -1,4 +1,4 @@
-"""The ``fpndet`` command: train, eval, predict, inspect.
+"""The ``fpndet`` command: train, eval, predict, proposals, inspect.
 
 Every option has ``--help``. Config values are set with dotted overrides after the options,
 e.g. ``fpndet train --config raccoon model.retinanet.head_depth=2 train.epochs=5``. Bad input prints one
@@ -24,7 +24,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fpndet", description="Feature-pyramid object detection (RetinaNet).")
+    parser = argparse.ArgumentParser(prog="fpndet", description="Feature-pyramid object detection (RetinaNet, Faster R-CNN, RPN).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a detector", epilog=EPILOG,
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="where metrics.json, detections.json and plots go (default: <weights dir>/eval)")
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
+    ev.add_argument("--proposals", default=None,
+                    help="proposals file (from `fpndet proposals`) for a model.arch=fast_rcnn model")
     ev.add_argument("--score-thresh", type=float, default=None,
                     help="override the model's score threshold (default: the model's own, 0.05 for fpndet and "
                          "torchvision models; COCO AP wants a low threshold)")
@@ -62,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=4)
     pr.add_argument("--no-draw", action="store_true", help="write JSON only")
     _add_common(pr)
+
+    prop = sub.add_parser("proposals", help="write an RPN's proposals for a dataset to a file (for model.arch=fast_rcnn)",
+                          description="Run the RPN of a trained rpn or faster_rcnn model over a dataset split and write "
+                                      "its proposals (original-image pixels, by image id) to a .safetensors file, "
+                                      "then report their recall.")
+    prop.add_argument("--weights", required=True, help="run folder or .safetensors of an rpn or faster_rcnn model")
+    prop.add_argument("--data", required=True, help="dataset spec (as for train)")
+    prop.add_argument("--split", default="train", help="split for VOC/YOLO/shapes (default train)")
+    prop.add_argument("--format", default=None, choices=["shapes", "coco", "voc", "yolo"])
+    prop.add_argument("--output", required=True, help="the proposals file to write (.safetensors)")
+    prop.add_argument("--topk", type=int, default=None,
+                      help="proposals kept per image (default: the model's model.rpn.post_nms_topk_test)")
+    prop.add_argument("--batch-size", type=int, default=4)
+    _add_common(prop)
 
     ins = sub.add_parser("inspect", help="dataset statistics and anchor coverage per pyramid level", epilog=EPILOG)
     ins.add_argument("--data", required=True, help="dataset spec (as for train)")
@@ -118,6 +134,7 @@ def cmd_eval(args) -> int:
     model, class_names = load_detector(args.weights, device=device, overrides={"score_thresh": args.score_thresh},
                                        named_only=True)
     dataset = open_dataset(args.data, split=args.split, format=args.format)
+    proposals = given_proposals(args.proposals, model, weights_file(args.weights), dataset, args.max_images)
     proposals_only = model.config.arch == "rpn"
     # Refused before the (long) inference when the model's classes do not cover the dataset's.
     if not proposals_only:
@@ -129,7 +146,7 @@ def cmd_eval(args) -> int:
     out = Path(args.output) if args.output else weights_file(args.weights).parent / "eval"
     start = time.perf_counter()
     detections, gts = run_inference(model, dataset, batch_size=args.batch_size, device=device,
-                                    max_images=args.max_images, progress=True)
+                                    max_images=args.max_images, progress=True, proposals=proposals)
     seconds = time.perf_counter() - start
     if proposals_only:  # class-agnostic proposal recall (FPN paper Table 1)
         report = evaluate_proposals(dataset, detections, out_dir=out)
@@ -143,14 +160,70 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def given_proposals(path: Optional[str], model, weights: Path, dataset, max_images: Optional[int]):
+    """The ``--proposals`` file of a fast_rcnn model, checked against the dataset (None for the
+    other architectures, which refuse one)."""
+    from .engine.proposals import ProposalFile
+    from .errors import InputError
+
+    if model.config.arch != "fast_rcnn":
+        if path:
+            raise InputError(path, f"--proposals is for model.arch=fast_rcnn models; {weights} is a "
+                             f"{model.config.arch} model, which makes its own")
+        return None
+    if not path:
+        raise InputError(weights, "is a Fast R-CNN model (model.arch=fast_rcnn), which runs on fixed proposals: "
+                         "give --proposals FILE (written by `fpndet proposals`)")
+    proposals = ProposalFile(path)
+    proposals.check_covers(dataset, max_images=max_images)
+    return proposals
+
+
+def cmd_proposals(args) -> int:
+    from .data.detect import open_dataset
+    from .engine.evaluation import format_metrics_table
+    from .engine.inference import evaluate_proposals, run_inference
+    from .engine.model_io import load_detector, weights_file
+    from .engine.proposals import save_proposals
+    from .engine.trainer import resolve_device
+    from .errors import InputError
+
+    device = resolve_device(args.device)
+    source = weights_file(args.weights)
+    model, _ = load_detector(args.weights, device=device)
+    if getattr(model, "rpn", None) is None:
+        raise InputError(source, f"has no RPN (model.arch={model.config.arch}): proposals come from an rpn or "
+                         "faster_rcnn model")
+    rpn_model = model.proposal_model() if model.roi_heads is not None else model
+    if args.topk is not None:
+        train_topk, test_topk = rpn_model.rpn.post_nms_topk
+        rpn_model.rpn.post_nms_topk = (train_topk, args.topk)
+    dataset = open_dataset(args.data, split=args.split, format=args.format)
+    start = time.perf_counter()
+    proposals, _ = run_inference(rpn_model, dataset, batch_size=args.batch_size, device=device, progress=True)
+    seconds = time.perf_counter() - start
+    path = save_proposals(args.output, dataset, proposals, source=str(source), dataset_spec=args.data, split=args.split)
+    report = evaluate_proposals(dataset, proposals)
+    print(format_metrics_table(report["metrics"], title="recall of the written proposals (class-agnostic)"))
+    mean = sum(len(p["boxes"]) for p in proposals) / max(1, len(proposals))
+    print(f"{len(proposals)} images, {mean:.0f} proposals per image, in {seconds:.1f} s; written to {path}")
+    return 0
+
+
 def cmd_predict(args) -> int:
-    from .engine.model_io import load_detector
+    from .engine.model_io import load_detector, weights_file
     from .engine.predict import collect_images, predict_images
     from .engine.trainer import resolve_device
 
     images = collect_images(args.sources)
     model, class_names = load_detector(args.weights, device=resolve_device(args.device),
                                        overrides={"score_thresh": args.score_thresh})
+    if model.config.arch == "fast_rcnn":
+        from .errors import InputError
+
+        raise InputError(weights_file(args.weights), "is a Fast R-CNN model (model.arch=fast_rcnn), which runs on "
+                         "fixed proposals of a dataset: use `fpndet eval --proposals FILE`, or predict with an "
+                         "rpn + Fast R-CNN model (model.arch=faster_rcnn)")
     records = predict_images(model, class_names, images, Path(args.output), batch_size=args.batch_size,
                              draw=not args.no_draw)
     total = sum(len(r["detections"]) for r in records)
@@ -171,7 +244,8 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "proposals": cmd_proposals,
+            "inspect": cmd_inspect}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -89,7 +89,9 @@ HELP_OPTIONS = {
     "train": ["--config", "--data", "--val-data", "--format", "--weights", "--output", "--resume", "--debug",
               "--device", "overrides", "KEY=VALUE"],
     "eval": ["--weights", "--data", "--split", "--format", "--output", "--batch-size", "--max-images",
-             "--score-thresh", "--debug", "--device"],
+             "--proposals", "--score-thresh", "--debug", "--device"],
+    "proposals": ["--weights", "--data", "--split", "--format", "--output", "--topk", "--batch-size", "--debug",
+                  "--device"],
     "predict": ["--weights", "sources", "--output", "--score-thresh", "--batch-size", "--no-draw", "--debug",
                 "--device"],
     "inspect": ["--data", "--split", "--format", "--config", "--output", "--samples", "overrides", "--debug",
@@ -456,3 +458,39 @@ def test_every_command_runs_a_faster_rcnn_and_an_rpn(tmp_path, capsys):
                  "model.preset=faster_rcnn_r50_fpn", "model.min_size=[96]", "model.max_size=128"]) == 0
     report = json.loads((tmp_path / "inspect" / "report.json").read_text())
     assert set(report["summary"]["roi_levels"]) == {"P2", "P3", "P4", "P5"}
+
+
+def test_fast_rcnn_on_proposals_written_by_a_trained_rpn(tmp_path, capsys):
+    """The FPN paper's Table 2 setting through the CLI: train an RPN, write its proposals with
+    `fpndet proposals`, train and evaluate a Fast R-CNN on them; misuse is one message, exit 2."""
+    annotations = write_coco(tmp_path / "coco")
+    small = ["model.preset=faster_rcnn_r50_fpn", "model.backbone=resnet18", "model.min_size=[96]",
+             "model.max_size=128", "model.fpn_channels=16", "model.roi_heads.fc_dim=32", "train.epochs=null",
+             "train.max_iters=2", "train.batch_size=2", "train.device=cpu", "data.num_workers=0", "train.warmup_iters=1"]
+    rpn_run, fast_run, proposals = tmp_path / "rpn", tmp_path / "fast", tmp_path / "proposals.safetensors"
+    assert main(["train", "--data", str(annotations), *small, "model.arch=rpn", f"train.output_dir={rpn_run}"]) == 0
+    capsys.readouterr()
+    assert main(["proposals", "--weights", str(rpn_run), "--data", str(annotations), "--output", str(proposals),
+                 "--topk", "50", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "recall of the written proposals" in text and f"written to {proposals}" in text
+    from fpndet.engine.proposals import ProposalFile
+
+    written = ProposalFile(proposals)
+    assert len(written) == 4 and all(0 < len(written.get(i)) <= 50 for i in range(1, 5))
+    assert main(["train", "--data", str(annotations), *small, "model.arch=fast_rcnn", f"train.output_dir={fast_run}",
+                 f"data.train_proposals={proposals}", f"data.val_proposals={proposals}"]) == 0
+    assert "AP" in json.loads((fast_run / "eval" / "metrics.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(fast_run), "--data", str(annotations), "--proposals", str(proposals),
+                 "--output", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    assert "AP50" in capsys.readouterr().out
+    assert_one_error(capsys, "eval", main(["eval", "--weights", str(fast_run), "--data", str(annotations)]),
+                     str(fast_run), "give --proposals FILE")
+    assert_one_error(capsys, "predict", main(["predict", "--weights", str(fast_run), str(annotations.parent.parent / "images"),
+                                              "--output", str(tmp_path / "pred")]), "fpndet eval --proposals")
+    other = write_coco(tmp_path / "other", images=6)
+    assert_one_error(capsys, "eval", main(["eval", "--weights", str(fast_run), "--data", str(other),
+                                           "--proposals", str(proposals)]), str(proposals), "does not match the dataset")
+    assert_one_error(capsys, "eval", main(["eval", "--weights", str(rpn_run), "--data", str(annotations),
+                                           "--proposals", str(proposals)]), str(proposals), "for model.arch=fast_rcnn")

@@ -21,7 +21,8 @@ def collate_detection(batch: list[tuple[Any, dict[str, Any]]]) -> tuple[list[tor
         ``(images, targets)``: images as plain float32 tensors ``[3, H, W]`` in [0, 1] (uint8
         images are scaled by 1/255); targets with plain tensors: "boxes" float32 ``[N, 4]`` xyxy
         pixels of the returned image, "labels" int64 ``[N]``, "iscrowd" bool ``[N]`` (all False
-        when absent), "image_id" int, "file_name" str, "orig_size" ``(H0, W0)`` of the original
+        when absent), "proposals" float32 ``[P, 4]`` xyxy pixels (when the sample has them),
+        "image_id" int, "file_name" str, "orig_size" ``(H0, W0)`` of the original
         image and "size" ``(H, W)`` of the returned one; other keys pass through.
     """
     images, targets = [], []
@@ -44,6 +45,8 @@ def _plain_target(target: dict[str, Any], size: torch.Size) -> dict[str, Any]:
         if crowd is None
         else torch.as_tensor(crowd).as_subclass(torch.Tensor).to(torch.bool)
     )
+    if "proposals" in target:
+        plain["proposals"] = torch.as_tensor(target["proposals"]).as_subclass(torch.Tensor).to(torch.float32).reshape(-1, 4)
     if "image_id" in target:
         plain["image_id"] = int(target["image_id"])
     if "orig_size" in target:

@@ -44,12 +44,15 @@ def run_inference(
     max_images: Optional[int] = None,
     progress: bool = False,
     score_thresh: Optional[float] = None,
+    proposals=None,
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     """Detections (on the CPU, in original-image pixels) and ground truths for every image, in
     dataset order. The dataset's own transforms are replaced by the evaluation transforms.
 
     ``score_thresh``: the post-processor's score threshold for this run only (the model's own
     is restored afterwards); None keeps the model's. Detections keep the model's labels.
+    ``proposals``: a :class:`~fpndet.engine.proposals.ProposalFile` covering the dataset, for a
+    Fast R-CNN model (``model.arch=fast_rcnn``) that runs on fixed proposals.
     """
     from .model_io import apply_inference_overrides
 
@@ -70,8 +73,9 @@ def run_inference(
 
             iterator = tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
         for images, targets in iterator:
+            given = {} if proposals is None else {"proposals": [proposals.get(t["image_id"]) for t in targets]}
             with autocast_context(device, amp):
-                outputs = model([img.to(device, non_blocking=True) for img in images])
+                outputs = model([img.to(device, non_blocking=True) for img in images], **given)
             detections.extend({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs)
             ground_truths.extend(targets)
     finally:

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from ..modeling.build import build_model
 from ..modeling.weights import load_matching_weights
 from . import checkpoints as ckpt
 from .model_io import read_weights
+from .proposals import ProposalFile, WithProposals
 from .distributed import DistInfo, all_ranks_true, all_reduce_mean, barrier, cleanup, gather_objects, init_distributed
 from .inference import autocast_context, evaluate_detections, evaluate_proposals, run_inference
 from .sampling import ResumableSampler, SeededAugmentation
@@ -76,11 +78,41 @@ def _shapes_kwargs(spec: str, shapes: dict, num_images: int) -> dict:
     return {**shapes, "num_images": num_images} if spec == "shapes" else {}
 
 
-def make_train_loader(dataset, cfg: DictConfig, info: DistInfo) -> tuple[DataLoader, ResumableSampler, SeededAugmentation]:
+def open_proposal_files(cfg: DictConfig, train_set, val_set) -> tuple[Optional[ProposalFile], Optional[ProposalFile]]:
+    """The training and validation proposal files of a ``model.arch=fast_rcnn`` run, checked
+    against the datasets; ``(None, None)`` for the other architectures.
+
+    Raises:
+        InputError: fast_rcnn without both files, the files set for another architecture, or a
+        file that does not match its dataset (named).
+    """
+    data = cfg.data
+    if cfg.model.arch != "fast_rcnn":
+        given = [key for key in ("train_proposals", "val_proposals") if data[key]]
+        if given:
+            raise InputError(data[given[0]], f"data.{given[0]} is read by model.arch=fast_rcnn only "
+                             f"(this run trains model.arch={cfg.model.arch}, which makes its own proposals)")
+        return None, None
+    if not (data.train_proposals and data.val_proposals):
+        raise InputError(None, "model.arch=fast_rcnn trains on fixed proposals: set data.train_proposals and "
+                         "data.val_proposals to files written by `fpndet proposals --weights RPN_RUN --data ...` "
+                         "(or train model.arch=faster_rcnn, which makes its own)")
+    train_proposals, val_proposals = ProposalFile(data.train_proposals), ProposalFile(data.val_proposals)
+    train_proposals.check_covers(train_set)
+    val_proposals.check_covers(val_set, max_images=cfg.eval.max_images)
+    return train_proposals, val_proposals
+
+
+def make_train_loader(dataset, cfg: DictConfig, info: DistInfo, proposals: Optional[ProposalFile] = None,
+                      ) -> tuple[DataLoader, ResumableSampler, SeededAugmentation]:
+    """The training loader; with ``proposals`` each target carries its image's proposals, moved
+    by the augmentation with the image."""
     data = cfg.data
     transforms = build_train_transforms(hflip_prob=data.hflip_prob, color_jitter=data.color_jitter)
     dataset.transforms = None
     source = CachedSamples(dataset) if data.cache_images else dataset
+    if proposals is not None:
+        source = WithProposals(source, proposals)
     augmented = SeededAugmentation(source, transforms, seed=cfg.train.seed)
     sampler = ResumableSampler(num_items=len(dataset), batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                rank=info.rank, world_size=info.world_size)
@@ -100,9 +132,6 @@ class Trainer:
     """Args: cfg: the resolved experiment config; resume: continue from ``output_dir/last.pth``."""
 
     def __init__(self, cfg: DictConfig, *, resume: bool = False):
-        if cfg.model.arch == "fast_rcnn":
-            raise InputError(None, "model.arch=fast_rcnn runs on given proposals, and the trainer cannot read a "
-                             "proposals file yet: train model.arch=faster_rcnn, or call the model with proposals=[...]")
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.device = resolve_device(cfg.train.device)
@@ -114,6 +143,7 @@ class Trainer:
         seed_everything(cfg.train.seed + self.info.rank)
 
         self.train_set, self.val_set = open_datasets(cfg)
+        self.train_proposals, self.val_proposals = open_proposal_files(cfg, self.train_set, self.val_set)
         cfg.model.num_classes = self.train_set.num_classes
         self.model_cfg = model_config(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -121,7 +151,8 @@ class Trainer:
         if cfg.train.init_weights and not resume:
             self._load_init_weights(cfg.train.init_weights)
 
-        self.loader, self.sampler, self.augmented = make_train_loader(self.train_set, cfg, self.info)
+        self.loader, self.sampler, self.augmented = make_train_loader(self.train_set, cfg, self.info,
+                                                                          self.train_proposals)
         steps_per_epoch = self.sampler.batches_per_epoch()
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.train.max_iters or steps_per_epoch * cfg.train.epochs
@@ -190,8 +221,9 @@ class Trainer:
     def train_step(self, images, targets) -> dict[str, float]:
         images = [img.to(self.device, non_blocking=True) for img in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        given = {"proposals": [t.pop("proposals") for t in targets]} if self.train_proposals is not None else {}
         with autocast_context(self.device, self.cfg.train.amp):
-            losses = self.ddp(images, targets)
+            losses = self.ddp(images, targets, **given)
         loss = sum(losses.values())
         # Decided together: a process that stopped alone would leave the others waiting in backward.
         if not all_ranks_true(bool(torch.isfinite(loss)), self.info):
@@ -222,7 +254,8 @@ class Trainer:
         proposals_only = self.model_cfg.arch == "rpn"
         detections, gts = run_inference(self.model, self.val_set, batch_size=self.cfg.eval.batch_size,
                                         device=self.device, amp=self.cfg.train.amp, max_images=self.cfg.eval.max_images,
-                                        score_thresh=None if proposals_only else self.cfg.eval.score_thresh)
+                                        score_thresh=None if proposals_only else self.cfg.eval.score_thresh,
+                                        proposals=self.val_proposals)
         if proposals_only:
             return evaluate_proposals(self.val_set, detections, out_dir=self.out / tag)
         return evaluate_detections(self.val_set, detections, gts, out_dir=self.out / tag,
@@ -356,13 +389,15 @@ def draw_validation_predictions(cfg: DictConfig, out: Path, *, count: int = 8, s
 
     model, class_names = load_detector(out, overrides={"score_thresh": score_thresh})
     _, val = open_datasets(cfg)
+    proposals = ProposalFile(cfg.data.val_proposals) if cfg.model.arch == "fast_rcnn" else None
     folder = out / "predictions"
     folder.mkdir(parents=True, exist_ok=True)
     pictures = []
     with torch.no_grad():
         for index in range(min(count, len(val))):
             image, target = val[index]
-            det = model([image.float() / 255])[0]
+            given = {} if proposals is None else {"proposals": [proposals.get(target["image_id"])]}
+            det = model([image.float() / 255], **given)[0]
             pictures.append(draw_detections(
                 image, det["boxes"], det["labels"], det["scores"], class_names,
                 out_path=folder / f"{index:03d}.jpg",

@@ -72,6 +72,19 @@ class FasterRCNN(nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
 
+    def proposal_model(self) -> "FasterRCNN":
+        """This model's RPN alone, as a proposals-only model sharing its modules (eval mode returns
+        proposals): for writing a trained Faster R-CNN's proposals to a file.
+
+        Raises:
+            ValueError: the model has no RPN (``arch="fast_rcnn"``).
+        """
+        if self.rpn is None:
+            raise ValueError("a Fast R-CNN model has no RPN to make proposals with")
+        config = self.config.replace(arch="rpn") if self.config is not None else None
+        return FasterRCNN(num_classes=self.num_classes, config=config, backbone=self.backbone,
+                          preprocessor=self.preprocessor, fpn=self.fpn, rpn=self.rpn, roi_heads=None)
+
     def features(self, batch_tensor: Tensor) -> list[Tensor]:
         """FPN maps (levels ``fpn.levels``) of a normalised, padded ``[B, 3, H, W]`` batch."""
         return self.fpn(self.backbone(batch_tensor))

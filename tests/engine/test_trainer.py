@@ -210,11 +210,3 @@ def test_removed_scale_range_option_is_refused_with_its_replacement():
 
     with pytest.raises(InputError, match=r"model.min_size=\[640,672"):
         load_config(None, ["data.scale_range=[640,800]"])
-
-
-def test_fast_rcnn_arch_is_refused_by_the_trainer_with_the_reason(tmp_path):
-    from fpndet.errors import InputError
-
-    cfg = tiny_config(tmp_path / "run", "model.arch=fast_rcnn")
-    with pytest.raises(InputError, match="proposals"):
-        Trainer(cfg)
