@@ -1,10 +1,10 @@
-"""Run the three benchmarks one after the other (each in its own process) and collect their
+"""Run the benchmarks one after the other (each in its own process) and collect their
 tables.
 
     python benchmarks/run_all.py --device cuda --out benchmarks/results/
 
-writes ``bench_postprocess.json``, ``bench_inference.json``, ``bench_matching.json`` and
-``summary.md`` (every table, with the environment line) into ``--out``. ``--quick`` runs the
+writes ``bench_postprocess.json``, ``bench_inference.json``, ``bench_matching.json``,
+``bench_faster_rcnn.json`` and ``summary.md`` (every table, with the environment line) into ``--out``. ``--quick`` runs the
 short versions; extra arguments after ``--`` go to every benchmark (e.g. ``-- --threads 8``).
 On CUDA the matching benchmark also times the backward pass.
 """
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHMARKS = ("bench_postprocess", "bench_inference", "bench_matching")
+BENCHMARKS = ("bench_postprocess", "bench_inference", "bench_matching", "bench_faster_rcnn")
 
 
 def uses_cuda(device: str) -> bool:

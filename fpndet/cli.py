@@ -10,10 +10,11 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import FpnDetError
+from .errors import FpnDetError, InputWarning
 
 EPILOG = "Config overrides: KEY=VALUE pairs such as model.backbone=resnet18 train.batch_size=4 data.num_workers=0."
 
@@ -248,10 +249,38 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "propo
             "inspect": cmd_inspect}
 
 
+class InputWarningPrinter:
+    """Shows :class:`~fpndet.errors.InputWarning` as ``warning: <file>: <what>`` lines on stderr:
+    the first ``limit`` of each kind, then only a count, summed up by :meth:`summary`. Other
+    warnings go to ``fallback`` (Python's own format)."""
+
+    def __init__(self, fallback, *, limit: int = 5):
+        self.fallback, self.limit = fallback, limit
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        if not isinstance(message, InputWarning):
+            return self.fallback(message, category, filename, lineno, file, line)
+        count = self.counts[message.kind] = self.counts.get(message.kind, 0) + 1
+        if count <= self.limit:
+            print(f"warning: {message}", file=sys.stderr)
+        elif count == self.limit + 1:
+            print(f"warning: further warnings of this kind are counted, not shown: {message.kind}", file=sys.stderr)
+
+    def summary(self) -> None:
+        for kind, count in self.counts.items():
+            if count > self.limit:
+                print(f"warning: {count} warnings in all: {kind}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    printer = InputWarningPrinter(warnings.showwarning)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", InputWarning)
+            warnings.showwarning = printer
+            return COMMANDS[args.command](args)
     except FpnDetError as err:
         if args.debug:
             raise
@@ -260,6 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+    finally:
+        printer.summary()
 
 
 if __name__ == "__main__":

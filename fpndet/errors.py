@@ -39,3 +39,21 @@ class InputError(FpnDetError):
 
 class TrainingDiverged(FpnDetError):
     """A loss became NaN or infinite; the message names the step."""
+
+
+class InputWarning(UserWarning):
+    """A problem with the user's input that fpndet worked around (a box clipped or dropped, a
+    file skipped), naming the file. The CLI prints it as ``warning: <file>: <what>`` and counts
+    repeats of the same ``what`` instead of printing each.
+
+    Args:
+        path: the file at fault.
+        what: what was wrong and what was done, in a few words.
+        kind: the same for every warning of this sort (what repeats are grouped by); default ``what``.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, what: str, kind: str | None = None):
+        self.path = None if path is None else os.fspath(path)
+        self.what = what
+        self.kind = kind or what
+        super().__init__(what if self.path is None else f"{self.path}: {what}")

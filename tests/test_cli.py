@@ -217,6 +217,41 @@ def test_boxes_outside_the_image_are_clipped_or_dropped_and_training_runs(tmp_pa
     assert load_model_weights(run / "last.safetensors")[1]["_metadata"]["class_names"] == CLASS_NAMES
 
 
+def test_input_warnings_are_one_line_naming_the_file(checkpoint, tmp_path, capsys):
+    def all_outside(content):
+        for annotation in content["annotations"]:
+            annotation["bbox"] = [100, 10, 60, 20]  # reaches x=160 in a 128 px wide image
+
+    annotations = write_coco(tmp_path / "coco", images=8, edit=all_outside)
+    assert main(["eval", "--weights", str(checkpoint), "--data", str(annotations), "--device", "cpu",
+                 "--output", str(tmp_path / "eval")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert lines == [f"warning: {annotations}: 8 box(es) reach more than 1 px outside their image and were clipped "
+                     "(first: annotation id 1)"], err
+    assert "UserWarning" not in err and "records.py" not in err
+
+
+def test_input_warnings_past_five_of_a_kind_are_counted_not_listed(capsys):
+    from fpndet.cli import InputWarningPrinter
+    from fpndet.errors import InputWarning
+
+    printer = InputWarningPrinter(warnings.showwarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = printer
+        for i in range(8):
+            warnings.warn(InputWarning(f"a/{i}.xml", f"{i + 1} box(es) dropped", kind="box(es) dropped"))
+        warnings.warn(InputWarning("b.jpg", "unreadable image skipped"))
+    printer.summary()
+    assert capsys.readouterr().err.splitlines() == [
+        *(f"warning: a/{i}.xml: {i + 1} box(es) dropped" for i in range(5)),
+        "warning: further warnings of this kind are counted, not shown: box(es) dropped",
+        "warning: b.jpg: unreadable image skipped",
+        "warning: 8 warnings in all: box(es) dropped",
+    ]
+
+
 @pytest.mark.parametrize("command", ["predict", "eval"])
 @pytest.mark.parametrize("kind", ["safetensors", "pth"])
 def test_truncated_checkpoint(command, kind, checkpoint, raccoon_images, tmp_path, capsys):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fpndet.errors import InputError
+from fpndet.errors import InputError, InputWarning
 
 __all__ = ["ImageRecord", "clip_annotation_boxes", "OUTSIDE_TOLERANCE_PX"]
 
@@ -119,7 +119,8 @@ def _warn_about(mask: np.ndarray, source, object_names: Sequence[str], what: str
     count = int(mask.sum())
     if count:
         first = object_names[int(np.flatnonzero(mask)[0])]
-        warnings.warn(f"{os.fspath(source)}: {count} box(es) {what} (first: {first})", UserWarning, stacklevel=3)
+        warnings.warn(InputWarning(source, f"{count} box(es) {what} (first: {first})", kind=f"box(es) {what}"),
+                      stacklevel=3)
 
 
 def _xyxy_text(box: np.ndarray) -> str:

@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import random
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -315,14 +316,21 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise InputError(
-            path, f"checkpoint holds objects that cannot be loaded safely (weights_only=True): {error}"
-        ) from error
+        raise InputError(path, _unsafe_pickle_problem(str(error))) from None
     except _READ_ERRORS as error:
         detail = str(error)
         if not zipfile.is_zipfile(path):
             detail = f"not a complete torch.save archive ({error})"
         raise InputError(path, f"checkpoint is truncated or corrupt: {detail}") from error
+
+
+def _unsafe_pickle_problem(torch_message: str) -> str:
+    """One line in fpndet's words for a file torch refuses under ``weights_only=True`` (torch's
+    own text is several lines and suggests ``weights_only=False``, which would run the file's code)."""
+    found = re.search(r"GLOBAL ([\w.]+)", torch_message)
+    what = f" (it holds a pickled {found.group(1)})" if found else ""
+    return (f"not a plain state dict{what}: fpndet reads only tensors from .pth files and never runs code from "
+            "them; save the weights with torch.save(model.state_dict(), path) or use a .safetensors file")
 
 
 def _require_file(path: Path) -> None:

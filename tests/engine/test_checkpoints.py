@@ -240,8 +240,20 @@ def test_truncated_training_state_raises_input_error_naming_the_file(tmp_path):
 def test_unsafe_pickle_is_refused(tmp_path):
     path = tmp_path / "unsafe.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "callback": random.Random(0)}, path)
-    with pytest.raises(InputError, match="unsafe.pth.*cannot be loaded safely"):
+    with pytest.raises(InputError, match=r"unsafe.pth: not a plain state dict \(it holds a pickled random.Random\)"):
         load_state_dict_file(path)
+
+
+def test_a_whole_pickled_model_is_refused_in_one_line_of_fpndets_words(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(InputError) as caught:
+        load_state_dict_file(path)
+    message = str(caught.value)
+    assert message == (f"{path}: not a plain state dict (it holds a pickled torch.nn.modules.linear.Linear): fpndet "
+                       "reads only tensors from .pth files and never runs code from them; save the weights with "
+                       "torch.save(model.state_dict(), path) or use a .safetensors file")
+    assert "\n" not in message and "weights_only=False" not in message
 
 
 def test_other_fpndet_pth_is_not_a_training_state(tmp_path):
