@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
     pr.add_argument("--batch-size", type=int, default=4)
     pr.add_argument("--no-draw", action="store_true", help="write JSON only")
+    pr.add_argument("--workers", type=int, default=2, help="background processes decoding images (0: none)")
+    pr.add_argument("--resume", action="store_true", help="skip images whose JSON is already in --output")
+    pr.add_argument("--strict", action="store_true", help="exit with status 2 when an image had to be skipped")
     _add_common(pr)
 
     prop = sub.add_parser("proposals", help="write an RPN's proposals for a dataset to a file (for model.arch=fast_rcnn)",
@@ -225,10 +228,17 @@ def cmd_predict(args) -> int:
         raise InputError(weights_file(args.weights), "is a Fast R-CNN model (model.arch=fast_rcnn), which runs on "
                          "fixed proposals of a dataset: use `fpndet eval --proposals FILE`, or predict with an "
                          "rpn + Fast R-CNN model (model.arch=faster_rcnn)")
-    records = predict_images(model, class_names, images, Path(args.output), batch_size=args.batch_size,
-                             draw=not args.no_draw)
-    total = sum(len(r["detections"]) for r in records)
-    print(f"{len(records)} images, {total} detections (score >= {args.score_thresh}); written to {args.output}/")
+    done = predict_images(model, class_names, images, Path(args.output), batch_size=args.batch_size,
+                          draw=not args.no_draw, workers=args.workers, resume=args.resume, progress=True)
+    total = sum(len(r["detections"]) for r in done.predicted)
+    resumed = f", {done.resumed} done before (--resume)" if done.resumed else ""
+    print(f"{len(done.predicted)} images, {total} detections (score >= {args.score_thresh}){resumed}; "
+          f"written to {args.output}/ (one JSON per image, {done.combined.name} for all)")
+    if done.skipped:
+        print(f"{len(done.skipped)} image(s) skipped, unreadable:", file=sys.stderr)
+        for path, problem in done.skipped.items():
+            print(f"  {path}: {problem}", file=sys.stderr)
+        return 2 if args.strict else 0
     return 0
 
 

@@ -1,6 +1,7 @@
 """The ``fpndet`` command, run in-process through ``fpndet.cli.main`` (and once as a subprocess)."""
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -92,8 +93,8 @@ HELP_OPTIONS = {
              "--proposals", "--score-thresh", "--debug", "--device"],
     "proposals": ["--weights", "--data", "--split", "--format", "--output", "--topk", "--batch-size", "--debug",
                   "--device"],
-    "predict": ["--weights", "sources", "--output", "--score-thresh", "--batch-size", "--no-draw", "--debug",
-                "--device"],
+    "predict": ["--weights", "sources", "--output", "--score-thresh", "--batch-size", "--no-draw", "--workers",
+                "--resume", "--strict", "--debug", "--device"],
     "inspect": ["--data", "--split", "--format", "--config", "--output", "--samples", "overrides", "--debug",
                 "--device"],
 }
@@ -311,11 +312,11 @@ def _predict(checkpoint, sources, out, *extra) -> int:
 def test_predict_writes_json_and_annotated_jpeg(checkpoint, raccoon_images, tmp_path, capsys):
     low, high = tmp_path / "low", tmp_path / "high"
     assert _predict(checkpoint, [raccoon_images], low, "--score-thresh", "0.0") == 0
-    assert "2 images, 200 detections (score >= 0.0)" in capsys.readouterr().out
+    assert "2 images, 200 detections (score >= 0.0); written to" in capsys.readouterr().out
     for name, size in (("raccoon-1", (650, 417)), ("raccoon-150", None)):
         record = json.loads((low / f"{name}.json").read_text())
-        assert set(record) == {"file", "width", "height", "detections"}
-        assert record["file"] == str(raccoon_images / f"{name}.jpg")
+        assert set(record) == {"file", "image", "width", "height", "detections"}
+        assert record["file"] == str((raccoon_images / f"{name}.jpg").resolve()) and record["image"] == f"{name}.jpg"
         with Image.open(raccoon_images / f"{name}.jpg") as original:
             assert (record["width"], record["height"]) == original.size
         if size is not None:
@@ -334,7 +335,7 @@ def test_predict_writes_json_and_annotated_jpeg(checkpoint, raccoon_images, tmp_
             assert drawn.format == "JPEG" and drawn.size == (record["width"], record["height"])
 
     assert _predict(checkpoint, [raccoon_images / "raccoon-1.jpg"], high, "--score-thresh", "0.99", "--no-draw") == 0
-    assert "1 images, 0 detections (score >= 0.99)" in capsys.readouterr().out
+    assert "1 images, 0 detections (score >= 0.99); written to" in capsys.readouterr().out
     assert json.loads((high / "raccoon-1.json").read_text())["detections"] == []
     assert not (high / "raccoon-1.jpg").exists()
 
@@ -343,6 +344,50 @@ def test_predict_writes_json_and_annotated_jpeg(checkpoint, raccoon_images, tmp_
     middle = [json.loads(p.read_text())["detections"] for p in sorted((tmp_path / "mid").glob("*.json"))]
     assert len(middle) == 2 and 0 < sum(len(d) for d in middle) < 200, [len(d) for d in middle]
     assert all(x["score"] >= 0.0105 for d in middle for x in d)
+
+
+def write_photos(root: Path, names: list[str]) -> None:
+    rng = np.random.default_rng(1)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(root / name)
+
+
+def test_predict_over_a_folder_tree_skips_bad_images_keys_by_path_and_resumes(checkpoint, tmp_path, capsys):
+    """Same file names in two folders both survive; a corrupt image is skipped with a warning and
+    listed (exit 0, --strict: 2); a combined CSV holds every detection; --resume does only what
+    is missing; an --output that would overwrite an input is refused before anything is written."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    write_photos(photos, ["a/img.jpg", "b/img.jpg", "b/c/deep.png", "b/img.png"])
+    (photos / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code = _predict(checkpoint, [photos], out, "--score-thresh", "0.0105", "--workers", "2")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"warning: {(photos / 'a' / 'bad.jpg').resolve()}: cannot read image" in captured.err
+    assert "1 image(s) skipped, unreadable:" in captured.err and "4 images," in captured.out
+    done = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json"))
+    assert done == ["a/img.json", "b/c/deep.json", "b/img.jpg.json", "b/img.png.json"]  # stems shared in b/ only
+    assert (out / "b" / "img.png.jpg").is_file() and (out / "b" / "c" / "deep.jpg").is_file()
+    records = {p: json.loads((out / p).read_text()) for p in done}
+    assert records["b/img.jpg.json"]["image"] == "b/img.jpg"
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == sum(len(r["detections"]) for r in records.values()) > 0
+    assert {row["image"] for row in rows} <= {"a/img.jpg", "b/img.jpg", "b/img.png", "b/c/deep.png"}
+
+    assert _predict(checkpoint, [photos], out, "--score-thresh", "0.0105", "--strict", "--resume") == 2
+    assert "0 images, 0 detections" in capsys.readouterr().out  # all four done before
+    (out / "b" / "img.jpg.json").unlink()
+    (photos / "a" / "bad.jpg").unlink()
+    assert _predict(checkpoint, [photos], out, "--score-thresh", "0.0105", "--resume", "--strict") == 0
+    text = capsys.readouterr().out
+    assert "1 images," in text and ", 3 done before (--resume)" in text
+    with open(out / "predictions.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+
+    before = sorted(p.name for p in photos.rglob("*"))
+    assert_one_error(capsys, "predict", _predict(checkpoint, [photos], photos), "would write over this input image")
+    assert sorted(p.name for p in photos.rglob("*")) == before
 
 
 def test_eval_prints_metrics_and_writes_files(checkpoint, tmp_path, capsys):
