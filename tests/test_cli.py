@@ -390,6 +390,25 @@ def test_predict_over_a_folder_tree_skips_bad_images_keys_by_path_and_resumes(ch
     assert sorted(p.name for p in photos.rglob("*")) == before
 
 
+def test_predict_takes_odd_image_modes_and_sizes(checkpoint, tmp_path, capsys):
+    """16-bit grayscale, CMYK, palette, alpha, 1x1 and 10000x100 images: all predicted, sizes right."""
+    photos = tmp_path / "odd"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 65535, (40, 30), dtype=np.uint16)).save(photos / "gray16.png")
+    Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).convert("CMYK").save(photos / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).convert("P").save(photos / "palette.png")
+    Image.fromarray(rng.integers(0, 255, (40, 30, 4), dtype=np.uint8), "RGBA").save(photos / "alpha.png")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(photos / "one.png")
+    Image.new("RGB", (100, 10000), (0, 0, 0)).save(photos / "tall.png")
+    assert _predict(checkpoint, [photos], tmp_path / "out", "--score-thresh", "0.0", "--workers", "0") == 0
+    assert "6 images," in capsys.readouterr().out
+    sizes = {p.stem: (json.loads(p.read_text())["width"], json.loads(p.read_text())["height"])
+             for p in (tmp_path / "out").glob("*.json")}
+    assert sizes == {"gray16": (30, 40), "cmyk": (30, 40), "palette": (30, 40), "alpha": (30, 40), "one": (1, 1),
+                     "tall": (100, 10000)}
+
+
 def test_eval_prints_metrics_and_writes_files(checkpoint, tmp_path, capsys):
     annotations = write_coco(tmp_path / "coco")
     out = tmp_path / "eval"

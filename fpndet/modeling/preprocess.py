@@ -68,11 +68,28 @@ class ImagePreprocessor(nn.Module):
         return random.choice(self.min_size) if self.training else self.min_size[-1]
 
     def resize(self, image: Tensor, min_size: int) -> Tensor:
-        """Bilinear resize of a ``[3, h, w]`` image (no corner alignment), as torchvision."""
-        scale = resize_scale(image.shape[-2], image.shape[-1], min_size, self.max_size)
+        """Bilinear resize of a ``[3, h, w]`` image (no corner alignment), as torchvision; a side
+        that would shrink below 1 px (an image 1000x narrower than long) is kept at 1 px."""
+        height, width = image.shape[-2:]
+        scale = resize_scale(height, width, min_size, self.max_size)
+        if min(math.floor(height * scale), math.floor(width * scale)) < 1:
+            size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
+            return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         return F.interpolate(
             image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
         )[0]
+
+    @staticmethod
+    def check_image(index: int, image: Tensor) -> None:
+        """Raise ``ValueError`` for an image the network cannot take: not ``[3, H, W]`` with H, W
+        >= 1, not floating point (uint8 must be divided by 255 first), or with NaN/inf pixels."""
+        if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+            raise ValueError(f"image {index}: expected a [3, H, W] tensor with H, W >= 1, got shape {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise ValueError(f"image {index}: expected float pixels in [0, 1], got {image.dtype} (divide uint8 by 255)")
+        finite = torch.isfinite(image)
+        if not bool(finite.all()):
+            raise ValueError(f"image {index}: {int((~finite).sum())} pixel values are NaN or infinite")
 
     def pad(self, images: Sequence[Tensor]) -> Tensor:
         height = max(img.shape[-2] for img in images)
@@ -86,11 +103,13 @@ class ImagePreprocessor(nn.Module):
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None) -> ImageBatch:
         """Args: images: float ``[3, h, w]`` RGB in [0, 1] (any sizes); targets: dicts with "boxes"
-        ``[N, 4]`` xyxy pixels of the input image. Raises ``ValueError`` on a wrong image shape."""
+        ``[N, 4]`` xyxy pixels of the input image. Raises ``ValueError`` for an image that
+        :meth:`check_image` refuses, or an empty list."""
+        if len(images) == 0:
+            raise ValueError("no images: expected a list of [3, H, W] tensors")
         resized, original_sizes, new_targets = [], [], [] if targets is not None else None
         for i, image in enumerate(images):
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"image {i}: expected a [3, H, W] tensor, got shape {tuple(image.shape)}")
+            self.check_image(i, image)
             original_sizes.append((int(image.shape[-2]), int(image.shape[-1])))
             image = (image - self.pixel_mean) / self.pixel_std
             image = self.resize(image, self._short_side())
