@@ -40,6 +40,10 @@ class DataConfig:
     # image where it resizes; evaluation uses the last), e.g. model.min_size=[640,672,704,736,768,800].
     color_jitter: bool = False
     cache_images: bool = False  # decode every image once and keep it in memory
+    # Images whose header cannot be read, or whose size contradicts the annotation, found by the
+    # check before training: "error" stops there listing them all, "skip" trains without them.
+    # (An image that fails to decode later is always skipped, with a warning, and counted.)
+    bad_images: str = "error"
     # model.arch=fast_rcnn only: proposal files written by `fpndet proposals` for the training and
     # validation images (the FPN paper's Table 2 setting: Fast R-CNN on a fixed set of RPN proposals).
     train_proposals: Optional[str] = None

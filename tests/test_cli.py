@@ -147,14 +147,20 @@ def test_corrupt_image_in_eval(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_corrupt_image_in_train(tmp_path, capsys, num_workers):
-    """With workers, the DataLoader re-raises the error as a RuntimeError; the CLI unwraps it."""
+def test_corrupt_image_in_train_is_named_by_the_check_before_training(tmp_path, capsys, num_workers):
+    """The image check lists every bad file before the first step (exit 2, no traceback)."""
     annotations = write_coco(tmp_path / "coco")
     corrupt = tmp_path / "coco" / "images" / "2.jpg"
     corrupt.write_bytes(b"not a jpeg at all")
     args = ["train", "--data", str(annotations), "--output", str(tmp_path / "run"), *TINY_MODEL,
             "train.batch_size=4", "train.max_iters=1", f"data.num_workers={num_workers}", "data.hflip_prob=0"]
-    assert_one_error(capsys, "train", main(args), str(corrupt), "cannot read image")
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    lines = captured.err.splitlines()
+    assert f"fpndet train: error: {annotations}: 1 of 4 images failed the check:" in lines
+    assert any(line.startswith(f"  {corrupt}: cannot read image") for line in lines), lines
+    assert not (tmp_path / "run" / "last.pth").exists()
     with pytest.raises(InputError, match="cannot read image"):
         main(args + ["--debug"])
 

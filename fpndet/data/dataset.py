@@ -51,6 +51,8 @@ class DetectionDataset(Dataset):
     class_names: list[str]
     label_to_category_id: list[int]
     image_ids: list[int]
+    has_image_files = True  # images are files on disk (checked by fpndet.data.checks)
+    devkit_metric = False  # True: evaluation adds the VOC devkit's mAP@0.5
 
     def __init__(
         self,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -9,9 +10,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..data.formats.voc import VOCDetection
+from ..data.checks import KeptImages
 from ..data.loaders import collate_detection
 from ..data.transforms import build_eval_transforms
+from ..errors import InputError, InputWarning
 from .evaluation import (
     CocoEvaluator,
     detections_to_coco_results,
@@ -45,7 +47,8 @@ def run_inference(
     progress: bool = False,
     score_thresh: Optional[float] = None,
     proposals=None,
-) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    skip_unreadable: bool = False,
+) -> tuple[list[Optional[dict[str, torch.Tensor]]], list[Optional[dict[str, torch.Tensor]]]]:
     """Detections (on the CPU, in original-image pixels) and ground truths for every image, in
     dataset order. The dataset's own transforms are replaced by the evaluation transforms.
 
@@ -53,6 +56,8 @@ def run_inference(
     is restored afterwards); None keeps the model's. Detections keep the model's labels.
     ``proposals``: a :class:`~fpndet.engine.proposals.ProposalFile` covering the dataset, for a
     Fast R-CNN model (``model.arch=fast_rcnn``) that runs on fixed proposals.
+    ``skip_unreadable``: an image that fails to decode gets None as its detections and ground
+    truth (with a warning naming it) instead of raising :class:`InputError`.
     """
     from .model_io import apply_inference_overrides
 
@@ -61,8 +66,10 @@ def run_inference(
     restore = apply_inference_overrides(model, score_thresh=score_thresh)
     dataset.transforms = build_eval_transforms()
     subset = dataset if max_images is None else Subset(dataset, range(min(max_images, len(dataset))))
+    if skip_unreadable:
+        subset = _ReadableOrNone(subset)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_detection)
+                        collate_fn=_collate_readable)
     was_training = model.training
     model.eval()
     detections, ground_truths = [], []
@@ -72,17 +79,61 @@ def run_inference(
             from tqdm import tqdm
 
             iterator = tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
-        for images, targets in iterator:
-            given = {} if proposals is None else {"proposals": [proposals.get(t["image_id"]) for t in targets]}
-            with autocast_context(device, amp):
-                outputs = model([img.to(device, non_blocking=True) for img in images], **given)
-            detections.extend({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs)
-            ground_truths.extend(targets)
+        for images, targets, unreadable in iterator:
+            outputs = []
+            if images:
+                given = {} if proposals is None else {"proposals": [proposals.get(t["image_id"]) for t in targets]}
+                with autocast_context(device, amp):
+                    outputs = model([img.to(device, non_blocking=True) for img in images], **given)
+            found = iter({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs)
+            truths = iter(targets)
+            for position in range(len(images) + len(unreadable)):
+                if position in unreadable:
+                    warnings.warn(InputWarning(None, f"{unreadable[position]}; left out of this evaluation",
+                                               kind="unreadable images left out of evaluations"))
+                    detections.append(None)
+                    ground_truths.append(None)
+                else:
+                    detections.append(next(found))
+                    ground_truths.append(next(truths))
     finally:
         dataset.transforms = previous
         apply_inference_overrides(model, **restore)
         model.train(was_training)
     return detections, ground_truths
+
+
+class _ReadableOrNone(torch.utils.data.Dataset):
+    """``dataset[i]``, or ``(None, "file: problem")`` for an image that fails to decode."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except InputError as error:
+            return None, str(error)
+
+
+def _collate_readable(batch):
+    """``(images, targets, {position in batch: problem})`` of the readable samples of a batch."""
+    unreadable = {k: sample[1] for k, sample in enumerate(batch) if sample[0] is None}
+    readable = [sample for sample in batch if sample[0] is not None]
+    images, targets = collate_detection(readable) if readable else ([], [])
+    return images, targets, unreadable
+
+
+def drop_unreadable(dataset, detections: list, ground_truths: list):
+    """``(dataset, detections, ground_truths)`` without the images :func:`run_inference` left out
+    (None entries): the dataset as :class:`~fpndet.data.checks.KeptImages` of the others."""
+    kept = [i for i, found in enumerate(detections) if found is not None]
+    if len(kept) == len(detections):
+        return dataset, detections, ground_truths
+    return KeptImages(dataset, kept), [detections[i] for i in kept], [ground_truths[i] for i in kept]
 
 
 def evaluated_ground_truth(dataset, num_images: int) -> dict:
@@ -150,7 +201,7 @@ def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional
     results = detections_to_coco_results(detections, image_ids, dataset.label_to_category_id)
     coco_gt = evaluated_ground_truth(dataset, len(detections))
     report = CocoEvaluator(coco_gt, class_names=dataset.class_names).evaluate(results)
-    if isinstance(dataset, VOCDetection):  # the devkit metric too
+    if dataset.devkit_metric:  # VOC: the devkit metric too
         voc = voc_map50(detections, ground_truths, dataset.num_classes)
         report["metrics"]["VOC_mAP50"] = voc["mAP50"]
     if out_dir is not None:

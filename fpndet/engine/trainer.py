@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,17 +24,18 @@ from torch.utils.data import DataLoader
 
 from ..config import model_config, save_config
 from ..data.cache import CachedSamples
+from ..data.checks import KeptImages, SkipUnreadable, check_images, format_problems
 from ..data.detect import open_dataset
 from ..data.loaders import collate_detection
 from ..data.transforms import build_train_transforms
-from ..errors import InputError, TrainingDiverged
+from ..errors import InputError, InputWarning, TrainingDiverged
 from ..modeling.build import build_model
 from ..modeling.weights import load_matching_weights
 from . import checkpoints as ckpt
 from .model_io import read_weights
 from .proposals import ProposalFile, WithProposals
 from .distributed import DistInfo, all_ranks_true, all_reduce_mean, barrier, cleanup, gather_objects, init_distributed
-from .inference import autocast_context, evaluate_detections, evaluate_proposals, run_inference
+from .inference import autocast_context, drop_unreadable, evaluate_detections, evaluate_proposals, run_inference
 from .sampling import ResumableSampler, SeededAugmentation
 from .schedule import build_optimizer, build_scheduler, milestones_from, scaled_lr
 
@@ -46,6 +48,7 @@ class Progress:
     epoch: int = 0
     best_ap: float = -1.0
     history: list = field(default_factory=list)
+    skipped_images: int = 0  # training samples that failed to decode (another image served instead)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,6 +79,38 @@ def open_datasets(cfg: DictConfig):
 
 def _shapes_kwargs(spec: str, shapes: dict, num_images: int) -> dict:
     return {**shapes, "num_images": num_images} if spec == "shapes" else {}
+
+
+def check_dataset_images(cfg: DictConfig, train_set, val_set, out: Path, *, verbose: bool = True):
+    """The training and validation sets after the image check (:func:`~fpndet.data.checks.
+    check_images`, cached in ``out/image_check_<train|val>.json``): unchanged when every image
+    passes; with ``data.bad_images=skip`` without the images that fail (each named in a warning).
+
+    Raises:
+        InputError: ``data.bad_images=error`` and some image fails (all of them listed), or an
+        unknown policy.
+    """
+    policy = cfg.data.bad_images
+    if policy not in ("error", "skip"):
+        raise InputError(None, f"data.bad_images={policy!r}: expected 'error' or 'skip'")
+    checked = []
+    for name, dataset, spec in (("train", train_set, cfg.data.train), ("val", val_set, cfg.data.val or cfg.data.train)):
+        start = time.perf_counter()
+        problems = check_images(dataset, cache_file=out / f"image_check_{name}.json")
+        if verbose:
+            print(f"image check ({name}): {len(dataset)} images, {len(problems)} failed, "
+                  f"{time.perf_counter() - start:.1f} s (data.bad_images={policy})", flush=True)
+        if problems and policy == "error":
+            raise InputError(spec, f"{format_problems(problems, len(dataset))}\nfix or remove them, or set "
+                             "data.bad_images=skip to train without them")
+        if problems:
+            for problem in problems:
+                warnings.warn(InputWarning(problem.file, f"{problem.problem}; left out ({name} set)",
+                                           kind="images that failed the check left out"))
+            bad = {problem.index for problem in problems}
+            dataset = KeptImages(dataset, [i for i in range(len(dataset)) if i not in bad])
+        checked.append(dataset)
+    return checked[0], checked[1]
 
 
 def open_proposal_files(cfg: DictConfig, train_set, val_set) -> tuple[Optional[ProposalFile], Optional[ProposalFile]]:
@@ -110,7 +145,8 @@ def make_train_loader(dataset, cfg: DictConfig, info: DistInfo, proposals: Optio
     data = cfg.data
     transforms = build_train_transforms(hflip_prob=data.hflip_prob, color_jitter=data.color_jitter)
     dataset.transforms = None
-    source = CachedSamples(dataset) if data.cache_images else dataset
+    source = SkipUnreadable(dataset)
+    source = CachedSamples(source) if data.cache_images else source
     if proposals is not None:
         source = WithProposals(source, proposals)
     augmented = SeededAugmentation(source, transforms, seed=cfg.train.seed)
@@ -142,7 +178,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed + self.info.rank)
 
-        self.train_set, self.val_set = open_datasets(cfg)
+        self.train_set, self.val_set = check_dataset_images(cfg, *open_datasets(cfg), self.out,
+                                                            verbose=self.info.is_main)
         self.train_proposals, self.val_proposals = open_proposal_files(cfg, self.train_set, self.val_set)
         cfg.model.num_classes = self.train_set.num_classes
         self.model_cfg = model_config(cfg)
@@ -191,7 +228,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler_state"])
         extra = state.get("extra", {})
         self.progress = Progress(step=int(state["step"]), epoch=int(state["epoch"]),
-                                 best_ap=float(extra.get("best_ap", -1.0)), history=list(extra.get("history", [])))
+                                 best_ap=float(extra.get("best_ap", -1.0)), history=list(extra.get("history", [])),
+                                 skipped_images=int(extra.get("skipped_images", 0)))
         per_rank = extra.get("rng_state_per_rank")
         same_world = isinstance(per_rank, list) and len(per_rank) == self.info.world_size
         ckpt.restore_rng_state(per_rank[self.info.rank] if same_world else state["rng_state"])
@@ -204,7 +242,8 @@ class Trainer:
         rng_states = gather_objects(ckpt.capture_rng_state(), self.info)
         if not self.info.is_main:
             return
-        extra = {"best_ap": self.progress.best_ap, "history": self.progress.history}
+        extra = {"best_ap": self.progress.best_ap, "history": self.progress.history,
+                 "skipped_images": self.progress.skipped_images}
         if self.info.enabled:
             extra["rng_state_per_rank"] = rng_states
         self.out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +261,7 @@ class Trainer:
         images = [img.to(self.device, non_blocking=True) for img in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         given = {"proposals": [t.pop("proposals") for t in targets]} if self.train_proposals is not None else {}
+        self._report_skipped([problem for t in targets for problem in t.pop("skipped", [])])
         with autocast_context(self.device, self.cfg.train.amp):
             losses = self.ddp(images, targets, **given)
         loss = sum(losses.values())
@@ -237,6 +277,14 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+
+    def _report_skipped(self, problems: list[str]) -> None:
+        """Warn about images that failed to decode in this batch (another image took their
+        place) and count them: ``skipped_images`` in the training records of metrics.jsonl."""
+        for problem in problems:
+            warnings.warn(InputWarning(None, f"{problem}; skipped, the next image used in its place",
+                                       kind="images that failed to decode skipped in training"))
+        self.progress.skipped_images += len(problems)
 
     def _divergence_message(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> str:
         step, last = self.progress.step + 1, self.out / "last.pth"
@@ -255,10 +303,11 @@ class Trainer:
         detections, gts = run_inference(self.model, self.val_set, batch_size=self.cfg.eval.batch_size,
                                         device=self.device, amp=self.cfg.train.amp, max_images=self.cfg.eval.max_images,
                                         score_thresh=None if proposals_only else self.cfg.eval.score_thresh,
-                                        proposals=self.val_proposals)
+                                        proposals=self.val_proposals, skip_unreadable=True)
+        val_set, detections, gts = drop_unreadable(self.val_set, detections, gts)
         if proposals_only:
-            return evaluate_proposals(self.val_set, detections, out_dir=self.out / tag)
-        return evaluate_detections(self.val_set, detections, gts, out_dir=self.out / tag,
+            return evaluate_proposals(val_set, detections, out_dir=self.out / tag)
+        return evaluate_detections(val_set, detections, gts, out_dir=self.out / tag,
                                    model_class_names=self.train_set.class_names)
 
     def fit(self) -> dict:
@@ -284,6 +333,7 @@ class Trainer:
                     self.progress.step += 1
                     elapsed, tic = time.perf_counter() - tic, time.perf_counter()
                     logs["lr"] = lr
+                    logs["skipped_images"] = self.progress.skipped_images
                     logs["images_per_s"] = len(images) * info.world_size / max(elapsed, 1e-9)
                     if self.progress.step % cfg.train.log_every == 0 or self.progress.step == self.total_steps:
                         logger.log({"step": self.progress.step, "epoch": epoch, **all_reduce_mean(logs, info)})
@@ -395,7 +445,10 @@ def draw_validation_predictions(cfg: DictConfig, out: Path, *, count: int = 8, s
     pictures = []
     with torch.no_grad():
         for index in range(min(count, len(val))):
-            image, target = val[index]
+            try:
+                image, target = val[index]
+            except InputError:  # an unreadable image was reported during training
+                continue
             given = {} if proposals is None else {"proposals": [proposals.get(target["image_id"])]}
             det = model([image.float() / 255], **given)[0]
             pictures.append(draw_detections(

@@ -57,6 +57,8 @@ class ShapesDataset(DetectionDataset):
     Samples have ``image_id = index`` and ``file_name = "shapes/<split>/<index>.png"`` (virtual).
     """
 
+    has_image_files = False  # generated in memory: nothing on disk to check
+
     def __init__(
         self,
         *,

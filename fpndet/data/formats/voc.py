@@ -54,6 +54,8 @@ class VOCDetection(DetectionDataset):
             XML file), a missing image, or a box with negative width/height.
     """
 
+    devkit_metric = True  # evaluation reports the VOC devkit's mAP@0.5 too
+
     def __init__(
         self,
         root: str | os.PathLike,
