@@ -242,11 +242,14 @@ def _parse_images(content: Any, path: Path) -> list[dict[str, Any]]:
     for index, image in enumerate(_required_list(content, "images", path)):
         where = f"images[{index}]"
         entry = {key: _field(image, key, where, path) for key in ("id", "file_name", "height", "width")}
-        if entry["id"] in seen:
-            raise InputError(path, f"{where}: duplicate image id {entry['id']!r}")
         if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
             raise InputError(path, f"{where}: 'id' must be an integer, got {entry['id']!r}")
-        if not all(isinstance(entry[k], int) and entry[k] > 0 for k in ("height", "width")):
+        if entry["id"] in seen:
+            raise InputError(path, f"{where}: duplicate image id {entry['id']!r}")
+        if not isinstance(entry["file_name"], str) or not entry["file_name"]:
+            raise InputError(path, f"{where}: 'file_name' must be a non-empty string, got {entry['file_name']!r}")
+        if not all(isinstance(entry[k], int) and not isinstance(entry[k], bool) and entry[k] > 0
+                   for k in ("height", "width")):
             raise InputError(path, f"{where}: 'height' and 'width' must be positive integers")
         seen.add(entry["id"])
         images.append(entry)

@@ -210,8 +210,8 @@ def _read_int(text: str | None, default: int, path: Path, where: str) -> int:
         return default
     try:
         return int(float(text))
-    except ValueError as error:
-        raise InputError(path, f"{where} must be a number, got {text!r}") from error
+    except (ValueError, OverflowError) as error:  # OverflowError: "inf"
+        raise InputError(path, f"{where} must be a finite number, got {text!r}") from error
 
 
 def _read_split(root: Path, split: str) -> list[str]:
