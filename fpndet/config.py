@@ -78,6 +78,7 @@ class TrainConfig:
     checkpoint_every_iters: int = 0  # 0: once per epoch
     num_threads: Optional[int] = None  # torch CPU threads
     init_weights: Optional[str] = None  # a fpndet checkpoint / torchvision .pth to start from
+    ddp_timeout_s: float = 600.0  # torchrun runs: a process dead or silent this long stops the others
 
 
 @dataclass

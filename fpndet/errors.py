@@ -37,6 +37,20 @@ class InputError(FpnDetError):
         super().__init__(problem if self.path is None else f"{self.path}: {problem}")
 
 
+class OutputError(FpnDetError):
+    """A file fpndet must write cannot be written (disk full, no permission, ...), naming the
+    file; the previous version of the file is left intact.
+
+    Args:
+        path: the file that could not be written.
+        problem: what went wrong (the operating system's words).
+    """
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path, self.problem = os.fspath(path), problem
+        super().__init__(f"{self.path}: cannot write: {problem}; the previous file is intact")
+
+
 class TrainingDiverged(FpnDetError):
     """A loss became NaN or infinite; the message names the step."""
 

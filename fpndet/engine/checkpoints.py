@@ -39,7 +39,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from fpndet.errors import InputError
+from fpndet.errors import InputError, OutputError
 
 CONFIG_METADATA_KEY = "fpndet_config"
 EXTRA_METADATA_KEY = "fpndet_metadata"
@@ -71,22 +71,50 @@ def atomic_save(obj_writer: Callable[[IO[bytes]], Any], path: str | os.PathLike)
     writes the content, e.g. ``lambda f: torch.save(obj, f)``. The file is then flushed,
     fsync'ed and renamed over ``path`` (``os.replace``), and the folder is fsync'ed so the rename
     survives a power loss. If anything raises, the temporary file is removed, ``path`` keeps its
-    previous content, and the exception propagates. Missing parent folders are created.
+    previous content, and the exception propagates; an ``OSError`` (a full disk, a missing
+    permission) becomes :class:`~fpndet.errors.OutputError` naming ``path``. Missing parent
+    folders are created.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(descriptor, "wb") as handle:
             obj_writer(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
+    except BaseException as error:
+        if temp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+        cause = _os_error_in(error)  # torch.save reports a failed write as a RuntimeError
+        if cause is not None:
+            raise OutputError(path, cause.strerror or str(cause)) from error
         raise
     _fsync_directory(path.parent)
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The ``OSError`` that ``error`` is, or that caused it (``__cause__``/``__context__``)."""
+    seen = 0
+    while error is not None and seen < 5:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden ``.<name>.*.tmp`` files :func:`atomic_save` leaves behind when its process
+    is killed mid-write (never a finished file). Returns the files removed."""
+    removed = []
+    for temporary in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+            removed.append(temporary)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from ..errors import FpnDetError
 
 
 @dataclass(frozen=True)
@@ -24,9 +27,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
+def init_distributed(device_type: str, *, timeout_s: float = 600.0) -> DistInfo:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR/PORT). Without it, a single-process :class:`DistInfo`. NCCL on CUDA, gloo otherwise."""
+    MASTER_ADDR/PORT). Without it, a single-process :class:`DistInfo`. NCCL on CUDA, gloo otherwise.
+
+    ``timeout_s``: how long a collective waits for the other processes before failing (a process
+    that died or hangs is then reported by the others, see :func:`peer_failure`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
@@ -35,7 +41,7 @@ def init_distributed(device_type: str) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
@@ -84,3 +90,25 @@ def gather_objects(obj, info: DistInfo) -> list:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_PEER_FAILURE_MARKERS = ("Connection closed", "Connection reset", "connection reset", "Broken pipe", "timed out",
+                         "Timed out", "timeout", "peer", "Socket Timeout", "NCCL communicator was aborted")
+
+
+def peer_failure(error: BaseException, info: DistInfo, *, step: int, timeout_s: float, checkpoint) -> FpnDetError | None:
+    """The error to report when a collective failed because another process died or stopped
+    answering within ``timeout_s``; None when ``error`` is something else (or not distributed)."""
+    if not info.enabled or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or any(marker in text for marker in _PEER_FAILURE_MARKERS)):
+        return None
+    return PeerLost(f"rank {info.rank}: another training process stopped or did not answer within {timeout_s:g} s "
+                    f"(train.ddp_timeout_s) at step {step}; {checkpoint} holds the last good state: fix the cause "
+                    f"and rerun with --resume ({text.splitlines()[0] if text else type(error).__name__})")
+
+
+class PeerLost(FpnDetError):
+    """Another process of a distributed run died or hung; the message says which step and where
+    the last checkpoint is."""

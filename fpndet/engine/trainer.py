@@ -34,7 +34,9 @@ from ..modeling.weights import load_matching_weights
 from . import checkpoints as ckpt
 from .model_io import read_weights
 from .proposals import ProposalFile, WithProposals
-from .distributed import DistInfo, all_ranks_true, all_reduce_mean, barrier, cleanup, gather_objects, init_distributed
+from .distributed import (
+    DistInfo, all_ranks_true, all_reduce_mean, barrier, cleanup, gather_objects, init_distributed, peer_failure,
+)
 from .inference import autocast_context, drop_unreadable, evaluate_detections, evaluate_proposals, run_inference
 from .sampling import ResumableSampler, SeededAugmentation
 from .schedule import build_optimizer, build_scheduler, milestones_from, scaled_lr
@@ -171,7 +173,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.device = resolve_device(cfg.train.device)
-        self.info = init_distributed(self.device.type)
+        self.info = init_distributed(self.device.type, timeout_s=cfg.train.ddp_timeout_s)
         if self.device.type == "cuda" and self.info.enabled:
             self.device = torch.device("cuda", self.info.local_rank)
         if cfg.train.num_threads:
@@ -206,6 +208,8 @@ class Trainer:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.info.enabled else self.model)
         self.progress = Progress()
+        if self.info.is_main and self.out.is_dir():
+            ckpt.remove_stale_temporaries(self.out)  # of a process killed while writing a checkpoint
         if resume:
             self._resume()
 
@@ -353,6 +357,12 @@ class Trainer:
                         last_eval = self._evaluate_and_keep_best(logger, finished_epochs)
                     self.save_checkpoint()
                     barrier(info)
+        except RuntimeError as error:
+            lost = peer_failure(error, info, step=self.progress.step + 1, timeout_s=cfg.train.ddp_timeout_s,
+                                checkpoint=self.out / "last.pth")
+            if lost is None:
+                raise
+            raise lost from error
         finally:
             bar.close()
             logger.close()
@@ -397,6 +407,7 @@ class MetricLogger:
         self.writer = None
         if enabled:
             out.mkdir(parents=True, exist_ok=True)
+            _drop_partial_last_line(out / "metrics.jsonl")
             self.file = open(out / "metrics.jsonl", "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -424,6 +435,16 @@ class MetricLogger:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """Cut a line that a killed process left unfinished at the end of a JSONL file."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
 
 
 def train(cfg: DictConfig, *, resume: bool = False) -> dict:

@@ -17,11 +17,12 @@ from fpndet.engine.checkpoints import (
     load_model_weights,
     load_state_dict_file,
     load_training_state,
+    remove_stale_temporaries,
     restore_rng_state,
     save_model_weights,
     save_training_state,
 )
-from fpndet.errors import InputError
+from fpndet.errors import InputError, OutputError
 
 
 def _tiny_model() -> nn.Module:
@@ -69,7 +70,7 @@ def test_crash_at_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints.os, "replace", failing_replace)
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(OutputError, match="model.safetensors: cannot write: simulated crash"):
         save_model_weights(path, model.state_dict(), config={"version": 2})
     monkeypatch.undo()
 
@@ -77,6 +78,71 @@ def test_crash_at_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["model.safetensors"]
     _, config = load_model_weights(path)
     assert config == {"version": 1}
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing (simulated: every write after the first 4 KiB fails)."""
+    import errno
+
+    path = tmp_path / "last.pth"
+    save_training_state(path, model_state=_tiny_model().state_dict(), optimizer_state=None, scheduler_state=None,
+                        scaler_state=None, step=1, epoch=0, rng_state=capture_rng_state())
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FillingDisk:
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    monkeypatch.setattr(checkpoints.os, "fdopen", lambda *a, **k: FillingDisk(real_fdopen(*a, **k)))
+    with pytest.raises(OutputError) as caught:
+        save_training_state(path, model_state=_tiny_model().state_dict(), optimizer_state=None, scheduler_state=None,
+                            scaler_state=None, step=2, epoch=0, rng_state=capture_rng_state())
+    monkeypatch.undo()
+    assert str(caught.value) == f"{path}: cannot write: No space left on device; the previous file is intact"
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pth"]
+    assert load_training_state(path)["step"] == 1
+
+
+def test_a_real_full_tmpfs_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+    """The same on a 1 MiB tmpfs (needs permission to mount; skipped otherwise)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    try:
+        path = mount / "last.safetensors"
+        save_model_weights(path, {"w": torch.zeros(1000)}, config={"version": 1})
+        before = path.read_bytes()
+        with pytest.raises(OutputError, match=r"last.safetensors: cannot write: No space left on device"):
+            save_model_weights(path, {"w": torch.zeros(400_000)}, config={"version": 2})  # 1.6 MB
+        assert path.read_bytes() == before and os.listdir(mount) == ["last.safetensors"]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
+    (tmp_path / ".last.pth.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "last.pth").write_bytes(b"whole")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".last.pth.abc123.tmp"]
+    assert os.listdir(tmp_path) == ["last.pth"]
 
 
 # ------------------------------------------------------------------------------- model weights

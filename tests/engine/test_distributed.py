@@ -305,3 +305,57 @@ def test_nan_on_one_rank_stops_every_rank(ddp_trainer_runs):
     from fpndet.engine.checkpoints import load_training_state
 
     assert load_training_state(root / "diverged" / "last.pth")["step"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# a process that dies is reported by the others, within the timeout
+# --------------------------------------------------------------------------------------------
+DDP_TIMEOUT_S = 30
+
+
+def _dying_worker(rank: int, port: int, root: str) -> None:
+    from fpndet.engine.distributed import PeerLost
+
+    _process_setup(rank, port)
+    trainer = Trainer(ddp_config(Path(root) / "dying", f"train.ddp_timeout_s={DDP_TIMEOUT_S}",
+                                 "train.checkpoint_every_iters=1"))
+    if rank == 1:
+        original_step = Trainer.train_step
+
+        def dying_step(self, images, targets):
+            if self.progress.step == 2:
+                os._exit(3)  # no clean-up, as a killed process
+            return original_step(self, images, targets)
+
+        Trainer.train_step = dying_step
+    start = time.monotonic()
+    try:
+        trainer.fit()
+        outcome = "finished"
+    except PeerLost as error:
+        outcome = str(error)
+    except Exception as error:  # anything else is the failure under test
+        outcome = f"unexpected {type(error).__name__}: {error}"
+    torch.save({"outcome": outcome, "seconds": time.monotonic() - start}, Path(root) / f"dying{rank}.pt")
+
+
+def test_a_process_that_dies_is_reported_by_the_other_within_the_timeout(tmp_path):
+    context = mp.get_context("spawn")
+    port = free_ports(1)[0]
+    processes = [context.Process(target=_dying_worker, args=(rank, port, str(tmp_path))) for rank in range(WORLD_SIZE)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=WORKER_TIMEOUT_S)
+    hung = [p for p in processes if p.is_alive()]
+    for process in hung:
+        process.kill()
+    assert not hung, "rank 0 waited for the dead process past the timeout"
+    assert processes[1].exitcode == 3
+    result = torch.load(tmp_path / "dying0.pt")
+    assert result["outcome"].startswith("rank 0: another training process stopped or did not answer within 30 s"), result
+    assert "at step 3" in result["outcome"] and str(tmp_path / "dying" / "last.pth") in result["outcome"]
+    assert result["seconds"] < DDP_TIMEOUT_S + 30
+    from fpndet.engine.checkpoints import load_training_state
+
+    assert load_training_state(tmp_path / "dying" / "last.pth")["step"] == 2

@@ -210,3 +210,14 @@ def test_removed_scale_range_option_is_refused_with_its_replacement():
 
     with pytest.raises(InputError, match=r"model.min_size=\[640,672"):
         load_config(None, ["data.scale_range=[640,800]"])
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_when_the_log_reopens(tmp_path):
+    from fpndet.engine.trainer import MetricLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    logger = MetricLogger(tmp_path, enabled=True)
+    logger.log({"step": 2, "loss": 1.5})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
