@@ -51,8 +51,8 @@ def main(argv=None) -> int:
         raise SystemExit("coco128 not found: pass --images DIR")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = named_config("retinanet_r18_fpn_cpu", num_classes=80, min_size=[96], max_size=128, fpn_channels=32,
-                          backbone_weights=None, score_thresh=0.011, retinanet={"head_channels": 32, "head_depth": 1})
+    config = named_config("retinanet_r18_fpn_cpu", num_classes=80, min_size=[32], max_size=48, fpn_channels=16,
+                          backbone_weights=None, score_thresh=0.011, retinanet={"head_channels": 16, "head_depth": 1})
     model = build_model(config).eval()
     jobs = collect_images([str(folder)])
     names = [str(i) for i in range(80)]

@@ -84,6 +84,7 @@ def atomic_save(obj_writer: Callable[[IO[bytes]], Any], path: str | os.PathLike)
             obj_writer(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temp_name, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide the file from others
         os.replace(temp_name, path)
     except BaseException as error:
         if temp_name is not None:
@@ -104,6 +105,12 @@ def _os_error_in(error: BaseException) -> OSError | None:
             return error
         error, seen = error.__cause__ or error.__context__, seen + 1
     return None
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

@@ -138,6 +138,15 @@ def test_a_real_full_tmpfs_names_the_file_and_keeps_the_previous_checkpoint(tmp_
         subprocess.run(["umount", str(mount)], check=False)
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "shared.json", b"{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
 def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
     (tmp_path / ".last.pth.abc123.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / "last.pth").write_bytes(b"whole")
