@@ -32,7 +32,7 @@ def conv_tower(*, channels: int, depth: int, norm: Optional[str]) -> nn.Sequenti
     return nn.Sequential(*blocks)
 
 
-def _flatten_level(x: Tensor, per_anchor: int) -> Tensor:
+def flatten_level(x: Tensor, per_anchor: int) -> Tensor:
     """``[B, A*per_anchor, H, W]`` -> ``[B, H*W*A, per_anchor]`` (location-major, anchor-minor)."""
     b, _, h, w = x.shape
     return x.view(b, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, per_anchor)
@@ -101,6 +101,6 @@ class RetinaNetHead(nn.Module):
         cls_out, box_out = [], []
         for x in features:
             x = self.input_proj(x)
-            cls_out.append(_flatten_level(self.cls_logits(self.cls_tower(x)), self.num_logits))
-            box_out.append(_flatten_level(self.box_deltas(self.box_tower(x)), 4))
+            cls_out.append(flatten_level(self.cls_logits(self.cls_tower(x)), self.num_logits))
+            box_out.append(flatten_level(self.box_deltas(self.box_tower(x)), 4))
         return torch.cat(cls_out, dim=1), torch.cat(box_out, dim=1)

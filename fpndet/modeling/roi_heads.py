@@ -25,11 +25,11 @@ from . import losses as L
 from .box_coder import BoxCoder
 from .box_ops import batched_class_nms, boxes_at_least, clip_boxes
 from .fpn import norm_layer
-from .matcher import BACKGROUND, IGNORE, AnchorMatcher
+from .matcher import AnchorMatcher
 from .poolers import MultiLevelRoIAlign, flatten_rois
 from .postprocess import first_n_per_image
 from .rpn import Proposals
-from .sampling import IGNORED, NEGATIVE, PADDING, POSITIVE, BalancedSampler
+from .sampling import BalancedSampler, labels_from_matches
 
 
 class TwoMLPHead(nn.Module):
@@ -214,11 +214,7 @@ class RoIHeads(nn.Module):
             candidates = torch.cat([candidates, gt["boxes"].to(candidates.dtype)], dim=1)
             present = torch.cat([present, gt["valid"] & ~gt["crowd"]], dim=1)
         matches = self.matcher(candidates, gt["boxes"], gt["valid"], gt["crowd"], present)
-        labels = torch.full_like(matches, POSITIVE)
-        labels = torch.where(matches == BACKGROUND, NEGATIVE, labels)
-        labels = torch.where(matches == IGNORE, IGNORED, labels)
-        labels = labels.masked_fill(~present, PADDING)
-        positive, negative = self.sampler(labels)
+        positive, negative = self.sampler(labels_from_matches(matches, present))
         sampled = positive | negative
         count = sampled.sum(dim=1)
         most = max(int(count.max()), 1)

@@ -26,10 +26,11 @@ from . import losses as L
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .box_ops import batched_class_nms, boxes_at_least, clip_boxes
-from .heads import _flatten_level
-from .matcher import BACKGROUND, IGNORE, AnchorMatcher
+from .heads import flatten_level
+from .matcher import AnchorMatcher
+from .poolers import flatten_rois
 from .postprocess import first_n_per_image
-from .sampling import IGNORED, NEGATIVE, POSITIVE, BalancedSampler
+from .sampling import BalancedSampler, labels_from_matches
 
 
 class Proposals(NamedTuple):
@@ -47,16 +48,9 @@ class Proposals(NamedTuple):
     @classmethod
     def from_list(cls, boxes: Sequence[Tensor], scores: Optional[Sequence[Tensor]] = None) -> "Proposals":
         """Pad per-image ``[N_i, 4]`` boxes (and ``[N_i]`` scores, default 1) into a batch."""
-        most = max([len(b) for b in boxes] + [1])
-        device = boxes[0].device
-        padded = torch.zeros((len(boxes), most, 4), dtype=torch.float32, device=device)
-        padded_scores = torch.zeros((len(boxes), most), dtype=torch.float32, device=device)
-        valid = torch.zeros((len(boxes), most), dtype=torch.bool, device=device)
-        for i, b in enumerate(boxes):
-            padded[i, : len(b)] = b
-            padded_scores[i, : len(b)] = 1.0 if scores is None else scores[i]
-            valid[i, : len(b)] = True
-        return cls(padded, padded_scores, valid)
+        image, flat = flatten_rois(boxes)
+        flat_scores = torch.cat(list(scores)).float() if scores is not None else flat.new_ones(len(flat))
+        return pack_per_image(image, flat.float(), flat_scores, len(boxes))
 
     def to_list(self) -> list[dict[str, Tensor]]:
         """One ``{"boxes" [N_i, 4], "scores" [N_i]}`` per image."""
@@ -106,8 +100,8 @@ class RPNHead(nn.Module):
         objectness, deltas = [], []
         for x in features:
             x = self.conv(x)
-            objectness.append(_flatten_level(self.objectness(x), 1)[..., 0])
-            deltas.append(_flatten_level(self.deltas(x), 4))
+            objectness.append(flatten_level(self.objectness(x), 1)[..., 0])
+            deltas.append(flatten_level(self.deltas(x), 4))
         return torch.cat(objectness, dim=1), torch.cat(deltas, dim=1)
 
 
@@ -238,10 +232,7 @@ class RegionProposalNetwork(nn.Module):
         gt index ``[B, A]`` (clamped to ≥ 0: meaningful for positives only).
         """
         matches = self.matcher(anchors, gt["boxes"], gt["valid"], gt["crowd"])
-        labels = torch.full_like(matches, POSITIVE)
-        labels = torch.where(matches == BACKGROUND, NEGATIVE, labels)
-        labels = torch.where(matches == IGNORE, IGNORED, labels)
-        return labels, matches.clamp(min=0)
+        return labels_from_matches(matches), matches.clamp(min=0)
 
     def losses(self, outputs: RPNOutputs, gt: dict[str, Tensor]) -> dict[str, Tensor]:
         """``{"loss_objectness", "loss_rpn_box"}`` for the padded ground truth ``gt``.

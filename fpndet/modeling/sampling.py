@@ -24,6 +24,18 @@ real candidate never sampled (e.g. between the IoU thresholds), a padding slot (
 Choice = Callable[[Tensor], "tuple[Tensor, Tensor]"]
 
 
+def labels_from_matches(matches: Tensor, present: Optional[Tensor] = None) -> Tensor:
+    """Sampler labels ``[B, N]`` from :class:`~fpndet.modeling.matcher.AnchorMatcher` output:
+    a matched gt index (>= 0) is POSITIVE, ``BACKGROUND`` NEGATIVE, ``IGNORE`` IGNORED, and
+    slots where ``present`` (bool ``[B, N]``) is False PADDING."""
+    from .matcher import BACKGROUND, IGNORE
+
+    labels = torch.full_like(matches, POSITIVE)
+    labels = torch.where(matches == BACKGROUND, NEGATIVE, labels)
+    labels = torch.where(matches == IGNORE, IGNORED, labels)
+    return labels if present is None else labels.masked_fill(~present, PADDING)
+
+
 class BalancedSampler:
     """Chooses positives and negatives per image.
 
