@@ -1,4 +1,4 @@
-"""The ``fpndet`` command: train, eval, predict, proposals, inspect.
+"""The ``fpndet`` command: train, eval, predict, proposals, inspect, export, benchmark.
 
 Every option has ``--help``. Config values are set with dotted overrides after the options,
 e.g. ``fpndet train --config raccoon model.retinanet.head_depth=2 train.epochs=5``. Bad input prints one
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(train)
 
     ev = sub.add_parser("eval", help="COCO metrics of a checkpoint on a dataset")
-    ev.add_argument("--weights", required=True, help="run folder, .safetensors or torchvision .pth")
+    ev.add_argument("--weights", required=True, help="run folder, .safetensors, torchvision .pth or .onnx (fpndet export)")
     ev.add_argument("--data", required=True, help="dataset spec (as for train)")
     ev.add_argument("--split", default="val", help="split for VOC/YOLO/shapes (default val)")
     ev.add_argument("--format", default=None, choices=["shapes", "coco", "voc", "yolo"])
@@ -55,10 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--score-thresh", type=float, default=None,
                     help="override the model's score threshold (default: the model's own, 0.05 for fpndet and "
                          "torchvision models; COCO AP wants a low threshold)")
+    _add_backend(ev, default=None)
     _add_common(ev)
 
     pr = sub.add_parser("predict", help="detect objects in images")
-    pr.add_argument("--weights", required=True, help="run folder, .safetensors or torchvision .pth")
+    pr.add_argument("--weights", required=True, help="run folder, .safetensors, torchvision .pth or .onnx (fpndet export)")
     pr.add_argument("sources", nargs="+", help="image files, folders or glob patterns")
     pr.add_argument("--output", default="predictions", help="folder for <image>.json and annotated <image>.jpg")
     pr.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, default=2, help="background processes decoding images (0: none)")
     pr.add_argument("--resume", action="store_true", help="skip images whose JSON is already in --output")
     pr.add_argument("--strict", action="store_true", help="exit with status 2 when an image had to be skipped")
+    _add_backend(pr, default="auto")
     _add_common(pr)
 
     prop = sub.add_parser("proposals", help="write an RPN's proposals for a dataset to a file (for model.arch=fast_rcnn)",
@@ -92,7 +94,49 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--samples", type=int, default=8, help="sample images drawn with their boxes and matched anchors")
     ins.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE (model.anchor_sizes=[16,32,64,128,256])")
     _add_common(ins)
+
+    ex = sub.add_parser("export", help="write a detector as one ONNX file (pre-processing to NMS)",
+                        description="Export a RetinaNet to ONNX: normalisation, padding to /32, backbone, FPN, "
+                                    "heads, anchors, box decoding, score threshold, top-k and class-wise NMS in "
+                                    "one graph with dynamic batch and image size. Input 'images' [B, 3, H, W], "
+                                    "resized to the model's size (fpndet.modeling.preprocess.resize_image); "
+                                    "outputs boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B].")
+    ex.add_argument("--weights", required=True, help="run folder, .safetensors or torchvision .pth")
+    ex.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")
+    ex.add_argument("--output", default=None, help="the file to write (default: <weights folder>/model.onnx)")
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")
+    ex.add_argument("--raw", action="store_true", help="export head outputs and anchors only (your own post-processing)")
+    ex.add_argument("--input-dtype", default="float32", choices=["float32", "uint8"],
+                    help="float32: RGB in [0, 1] (default); uint8: RGB in [0, 255]")
+    ex.add_argument("--score-thresh", type=float, default=None, help="score threshold in the graph (default: the model's)")
+    ex.add_argument("--detections", type=int, default=None, help="K, detections per image (default: the model's)")
+    ex.add_argument("--check", action="store_true", help="run the export on onnxruntime and compare with PyTorch")
+    _add_common(ex)
+
+    be = sub.add_parser("benchmark", help="time every installed backend on this machine",
+                        description="Time a detector on every installed backend (eager, fast, onnxruntime, "
+                                    "OpenVINO, ...) after checking each one's detections against eager PyTorch; "
+                                    "print ms/image, images/s and peak memory.")
+    be.add_argument("--weights", required=True, help="run folder, .safetensors or torchvision .pth")
+    be.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    be.add_argument("--size", type=int, default=None, help="short side in pixels (default: the model's)")
+    be.add_argument("--images", default=None, help="a folder of images to time on (default: random images)")
+    be.add_argument("--repeats", type=int, default=5, help="timed calls per backend (default 5)")
+    be.add_argument("--backends", default=None, help="comma-separated subset (default: all installed but compile)")
+    be.add_argument("--output", default=None, help="also write the table as JSON here")
+    _add_common(be)
     return parser
+
+
+def _add_backend(parser: argparse.ArgumentParser, *, default: Optional[str]) -> None:
+    from .deploy.backends import BACKEND_CHOICES
+
+    shown = default or "eager for checkpoints, auto for .onnx"
+    parser.add_argument("--backend", default=default, choices=BACKEND_CHOICES,
+                        help=f"how the model runs (default: {shown}): eager, fast (BatchNorm folded, channels_last), "
+                             "compile, onnxruntime, openvino, openvino-bf16 (faster, not equal to float32), auto "
+                             "(fastest float32 path needing no export: openvino/onnxruntime for .onnx, fast for "
+                             "checkpoints); PyTorch weights on an ONNX backend are exported once next to them")
 
 
 def cmd_train(args) -> int:
@@ -130,13 +174,14 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .data.detect import open_dataset
     from .engine.evaluation import format_metrics_table, format_per_class_table, match_model_classes
+    from .deploy.backends import open_detector
     from .engine.inference import evaluate_detections, evaluate_proposals, run_inference
-    from .engine.model_io import load_detector, weights_file
+    from .engine.model_io import weights_file
     from .engine.trainer import resolve_device
 
     device = resolve_device(args.device)
-    model, class_names = load_detector(args.weights, device=device, overrides={"score_thresh": args.score_thresh},
-                                       named_only=True)
+    model, class_names, backend = open_detector(args.weights, backend=args.backend, device=device,
+                                                overrides={"score_thresh": args.score_thresh}, named_only=True)
     dataset = open_dataset(args.data, split=args.split, format=args.format)
     proposals = given_proposals(args.proposals, model, weights_file(args.weights), dataset, args.max_images)
     proposals_only = model.config.arch == "rpn"
@@ -160,7 +205,8 @@ def cmd_eval(args) -> int:
                                      model_source=weights_file(args.weights))
         print(format_metrics_table(report["metrics"]))
         print(format_per_class_table(report["per_class_ap"], report["per_class_ap50"]))
-    print(f"{len(detections)} images in {seconds:.1f} s ({1000 * seconds / max(1, len(detections)):.0f} ms/image); results in {out}")
+    print(f"{len(detections)} images in {seconds:.1f} s ({1000 * seconds / max(1, len(detections)):.0f} ms/image, "
+          f"backend {backend}); results in {out}")
     return 0
 
 
@@ -215,13 +261,14 @@ def cmd_proposals(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .engine.model_io import load_detector, weights_file
+    from .deploy.backends import open_detector
+    from .engine.model_io import weights_file
     from .engine.predict import collect_images, predict_images
     from .engine.trainer import resolve_device
 
     images = collect_images(args.sources)
-    model, class_names = load_detector(args.weights, device=resolve_device(args.device),
-                                       overrides={"score_thresh": args.score_thresh})
+    model, class_names, backend = open_detector(args.weights, backend=args.backend, device=resolve_device(args.device),
+                                                overrides={"score_thresh": args.score_thresh})
     if model.config.arch == "fast_rcnn":
         from .errors import InputError
 
@@ -232,7 +279,7 @@ def cmd_predict(args) -> int:
                           draw=not args.no_draw, workers=args.workers, resume=args.resume, progress=True)
     total = sum(len(r["detections"]) for r in done.predicted)
     resumed = f", {done.resumed} done before (--resume)" if done.resumed else ""
-    print(f"{len(done.predicted)} images, {total} detections (score >= {args.score_thresh}){resumed}; "
+    print(f"{len(done.predicted)} images, {total} detections (score >= {args.score_thresh}, backend {backend}){resumed}; "
           f"written to {args.output}/ (one JSON per image, {done.combined.name} for all)")
     if done.skipped:
         print(f"{len(done.skipped)} image(s) skipped, unreadable:", file=sys.stderr)
@@ -255,8 +302,45 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .deploy.export import export_onnx
+    from .engine.model_io import load_detector, weights_file
+
+    source = weights_file(args.weights)
+    model, class_names = load_detector(args.weights, overrides={"score_thresh": args.score_thresh,
+                                                                "detections_per_image": args.detections})
+    output = Path(args.output) if args.output else source.parent / "model.onnx"
+    start = time.perf_counter()
+    export_onnx(model, output, class_names=class_names, opset=args.opset, raw=args.raw, input_dtype=args.input_dtype,
+                source=source)
+    print(f"exported {source} to {output} ({output.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, "
+          f"{'raw head outputs' if args.raw else 'detections'}, input {args.input_dtype}) in "
+          f"{time.perf_counter() - start:.0f} s")
+    if args.check and not args.raw:
+        from .deploy.benchmark import check_export
+
+        print(check_export(model, output))
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from .deploy.benchmark import benchmark_backends, format_benchmark
+    from .engine.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    backends = args.backends.split(",") if args.backends else None
+    rows = benchmark_backends(args.weights, device=device, batch=args.batch, size=args.size, image_folder=args.images,
+                              repeats=args.repeats, backends=backends)
+    print(format_benchmark(rows))
+    if args.output:
+        from .engine.evaluation import save_results_json
+
+        save_results_json(Path(args.output), {"weights": str(args.weights), "batch": args.batch, "rows": rows})
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "proposals": cmd_proposals,
-            "inspect": cmd_inspect}
+            "inspect": cmd_inspect, "export": cmd_export, "benchmark": cmd_benchmark}
 
 
 class InputWarningPrinter:

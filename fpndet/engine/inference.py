@@ -59,9 +59,9 @@ def run_inference(
     ``skip_unreadable``: an image that fails to decode gets None as its detections and ground
     truth (with a warning naming it) instead of raising :class:`InputError`.
     """
-    from .model_io import apply_inference_overrides
+    from .model_io import apply_inference_overrides, model_device
 
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     previous = dataset.transforms
     restore = apply_inference_overrides(model, score_thresh=score_thresh)
     dataset.transforms = build_eval_transforms()

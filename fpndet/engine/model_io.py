@@ -128,6 +128,15 @@ def load_detector(path: str | Path, *, device: str | torch.device = "cpu",
     return model.to(device).eval(), class_names
 
 
+def model_device(model) -> torch.device:
+    """Where a detector's inputs go: an :class:`~fpndet.deploy.runtime.OnnxDetector`'s ``device`` (the CPU), else its
+    parameters' device."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
 def final_stage(model):
     """The module that holds a detector's final score threshold and detection cap: RetinaNet's
     post-processor, Faster R-CNN's RoI heads, or a proposals-only model's RPN (its objectness

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.images import load_image
 from ..errors import InputError, InputWarning
 from .checkpoints import atomic_write_bytes
+from .model_io import model_device
 from .plots import draw_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -129,7 +130,7 @@ def predict_images(model, class_names: Sequence[str], jobs: Sequence[ImageJob], 
     summary = PredictSummary()
     todo = [job for job in jobs if not (resume and job.json_path(out_dir).is_file())]
     summary.resumed = len(jobs) - len(todo)
-    device = next(model.parameters()).device
+    device = model_device(model)
     loader = DataLoader(_DecodedImages(todo), batch_size=batch_size, num_workers=workers, collate_fn=_keep_lists)
     bar = _progress(len(todo), enabled=progress)
     for batch in loader:

@@ -105,7 +105,7 @@ class AnchorGenerator(nn.Module):
         key = (tuple(image_size), tuple(map(tuple, grids)), str(device))
         if key not in self._cache:
             per_level = [
-                self.level_anchors(level, tuple(grid), self._stride(level, image_size, grid))
+                self.level_anchors(level, tuple(grid), self.level_stride(level, image_size, grid))
                 for level, grid in enumerate(grids)
             ]
             if len(self._cache) > 64:
@@ -113,7 +113,8 @@ class AnchorGenerator(nn.Module):
             self._cache[key] = (torch.cat(per_level), [len(a) for a in per_level])
         return self._cache[key]
 
-    def _stride(self, level: int, image_size: Sequence[int], grid: Sequence[int]) -> tuple[int, int]:
+    def level_stride(self, level: int, image_size: Sequence[int], grid: Sequence[int]) -> tuple[int, int]:
+        """(stride_y, stride_x) in pixels of ``level`` for a padded ``image_size`` and its ``grid`` (module doc)."""
         if self.level_strides is not None:
             return self.level_strides[level], self.level_strides[level]
         return image_size[0] // grid[0], image_size[1] // grid[1]

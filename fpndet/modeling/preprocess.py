@@ -44,6 +44,21 @@ def scale_boxes(boxes: Tensor, from_size: Sequence[int], to_size: Sequence[int])
     return boxes * torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes.dtype)
 
 
+def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:
+    """Bilinear resize of a float ``[C, h, w]`` image (no corner alignment, no antialiasing, as
+    torchvision) by :func:`resize_scale`; a side that would shrink below 1 px (an image 1000x
+    narrower than long) is kept at 1 px. The one resize of the eager pre-processor and of the
+    exported ONNX models' runner (:mod:`fpndet.deploy.runtime`)."""
+    height, width = image.shape[-2:]
+    scale = resize_scale(height, width, min_size, max_size)
+    if min(math.floor(height * scale), math.floor(width * scale)) < 1:
+        size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    return F.interpolate(
+        image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+    )[0]
+
+
 class ImagePreprocessor(nn.Module):
     """Args (keyword-only): min_size (one or several short sides, pixels), max_size, size_divisible,
     pixel_mean / pixel_std (RGB, for images in [0, 1])."""
@@ -68,16 +83,8 @@ class ImagePreprocessor(nn.Module):
         return random.choice(self.min_size) if self.training else self.min_size[-1]
 
     def resize(self, image: Tensor, min_size: int) -> Tensor:
-        """Bilinear resize of a ``[3, h, w]`` image (no corner alignment), as torchvision; a side
-        that would shrink below 1 px (an image 1000x narrower than long) is kept at 1 px."""
-        height, width = image.shape[-2:]
-        scale = resize_scale(height, width, min_size, self.max_size)
-        if min(math.floor(height * scale), math.floor(width * scale)) < 1:
-            size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
-            return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-        return F.interpolate(
-            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-        )[0]
+        """:func:`resize_image` with this pre-processor's ``max_size``."""
+        return resize_image(image, min_size, self.max_size)
 
     @staticmethod
     def check_image(index: int, image: Tensor) -> None:

@@ -1,0 +1,201 @@
+"""ONNX export of RetinaNet: onnxruntime / OpenVINO against eager PyTorch on real images (coco128,
+raccoon) at three sizes and batches 1, 2, 4; an image with no detection; raw and uint8 exports;
+the CLI (export, predict, eval on the .onnx); bad files refused with one message."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from fpndet.cli import main  # noqa: E402
+from fpndet.data.images import load_image  # noqa: E402
+from fpndet.deploy.export import export_onnx  # noqa: E402
+from fpndet.deploy.runtime import OnnxDetector  # noqa: E402
+from fpndet.engine.checkpoints import save_model_weights  # noqa: E402
+from fpndet.engine.model_io import load_detector  # noqa: E402
+from fpndet.errors import InputError  # noqa: E402
+from fpndet.modeling.build import build_model  # noqa: E402
+from fpndet.modeling.config import ModelConfig  # noqa: E402
+from tests.conftest import COCO128, RACCOON  # noqa: E402
+
+CLASSES = ["a", "b", "c", "d", "e"]
+# (name, folder, files, crop (h, w)): a landscape, a portrait and a very wide image size
+SIZES = {
+    "coco_landscape": (COCO128 / "images", ["000000000009.jpg", "000000000042.jpg", "000000000061.jpg", "000000000064.jpg"], (426, 480)),
+    "raccoon_portrait": (RACCOON / "JPEGImages", ["raccoon-103.jpg", "raccoon-105.jpg", "raccoon-111.jpg", "raccoon-115.jpg"], (600, 420)),
+    "coco_wide": (COCO128 / "images", ["000000000025.jpg", "000000000030.jpg", "000000000034.jpg", "000000000071.jpg"], (120, 640)),
+}
+
+
+def tiny_model() -> torch.nn.Module:
+    """A small ResNet-18 RetinaNet whose scores spread around the threshold on real photos."""
+    torch.manual_seed(0)
+    config = ModelConfig(num_classes=len(CLASSES), backbone="resnet18", fpn_channels=32, min_size=[320], max_size=480,
+                         retinanet={"head_channels": 32, "head_depth": 1})
+    model = build_model(config).eval()
+    with torch.no_grad():
+        model.head.cls_logits.bias.fill_(-2.5)
+        model.head.cls_logits.weight.mul_(20)
+        model.head.box_deltas.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder with the tiny model, exported through the CLI to model.onnx."""
+    folder = tmp_path_factory.mktemp("run")
+    model = tiny_model()
+    save_model_weights(folder / "best.safetensors", model.state_dict(), config=model.config.to_dict(),
+                       metadata={"class_names": CLASSES})
+    assert main(["export", "--weights", str(folder)]) == 0
+    return folder
+
+
+def real_images(name: str, count: int) -> list[torch.Tensor]:
+    folder, files, (height, width) = SIZES[name]
+    if not folder.is_dir():
+        pytest.skip(f"shared data not found at {folder}")
+    return [load_image(folder / f)[:, :height, :width].float().div(255) for f in files[:count]]
+
+
+def assert_same(reference, found):
+    assert len(reference) == len(found)
+    for ref, out in zip(reference, found):
+        assert len(ref["boxes"]) == len(out["boxes"])
+        assert torch.equal(ref["labels"], out["labels"])
+        if len(ref["boxes"]):
+            assert (ref["boxes"] - out["boxes"]).abs().max() <= 0.5
+            assert (ref["scores"] - out["scores"]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_export_gives_the_eager_detections(run, size, batch, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    model, _ = load_detector(run)
+    images = real_images(size, batch)
+    with torch.no_grad():
+        reference = model(images)
+    assert sum(len(r["boxes"]) for r in reference) > 0
+    assert_same(reference, OnnxDetector(run / "model.onnx", backend=backend)(images))
+
+
+def test_graph_batches_in_one_call_with_fixed_rank_outputs(run):
+    session = ort.InferenceSession(str(run / "model.onnx"))
+    images = real_images("coco_landscape", 4)
+    from fpndet.modeling.preprocess import resize_image
+
+    batch = torch.stack([resize_image(im, 320, 480) for im in images]).numpy()
+    boxes, scores, labels, counts = session.run(None, {"images": batch})
+    assert boxes.shape == (4, 100, 4) and scores.shape == (4, 100) and labels.shape == (4, 100) and counts.shape == (4,)
+    for i, count in enumerate(counts):  # padding after the detections
+        assert (labels[i, count:] == -1).all() and (scores[i, count:] == 0).all() and (boxes[i, count:] == 0).all()
+        assert (np.diff(scores[i, :count]) <= 0).all()
+
+
+def test_no_detection_above_the_threshold(tmp_path):
+    model = tiny_model()
+    model.postprocessor.score_thresh = 0.9999
+    path = export_onnx(model, tmp_path / "none.onnx", class_names=CLASSES, input_dtype="uint8")
+    images = real_images("coco_landscape", 2)
+    with torch.no_grad():
+        assert all(len(r["boxes"]) == 0 for r in model(images))
+    found = OnnxDetector(path)(images)
+    assert [tuple(f["boxes"].shape) for f in found] == [(0, 4), (0, 4)]
+    session = ort.InferenceSession(str(path))
+    counts = session.run(None, {"images": np.zeros((3, 3, 320, 416), dtype=np.uint8)})[3]
+    assert counts.tolist() == [0, 0, 0]
+    meta = {p.key: p.value for p in __import__("onnx").load(str(path)).metadata_props}
+    assert meta["input_dtype"] == "uint8" and json.loads(meta["class_names"]) == CLASSES and meta["score_thresh"] == "0.9999"
+
+
+def test_raw_export_gives_head_outputs(tmp_path):
+    model = tiny_model()
+    path = export_onnx(model, tmp_path / "raw.onnx", class_names=CLASSES, raw=True)
+    from fpndet.modeling.preprocess import resize_image
+
+    image = resize_image(real_images("coco_wide", 1)[0], 320, 480)
+    cls_logits, box_deltas, anchors = ort.InferenceSession(str(path)).run(None, {"images": image[None].numpy()})
+    with torch.no_grad():
+        batch = model.preprocessor([image])  # already at the model's size: the resize keeps it
+        expected = model.head_outputs(batch.tensor)
+    assert np.abs(cls_logits - expected.cls_logits.numpy()).max() < 1e-3
+    assert np.abs(box_deltas - expected.box_deltas.numpy()).max() < 1e-3
+    assert np.array_equal(anchors, expected.anchors.numpy())
+    with pytest.raises(InputError, match="--raw"):
+        OnnxDetector(path)
+
+
+def test_predict_and_eval_run_the_onnx_file(run, coco128_dir, tmp_path):
+    images = sorted((coco128_dir / "images").glob("*.jpg"))[:3]
+    assert main(["predict", "--weights", str(run / "model.onnx"), *map(str, images), "--output", str(tmp_path / "p"),
+                 "--no-draw", "--score-thresh", "0.2", "--workers", "0"]) == 0
+    onnx_json = json.loads((tmp_path / "p" / f"{images[0].stem}.json").read_text())
+    assert main(["predict", "--weights", str(run), *map(str, images), "--output", str(tmp_path / "e"),
+                 "--no-draw", "--score-thresh", "0.2", "--workers", "0", "--backend", "eager", "--batch-size", "1"]) == 0
+    # eager pads a batch of different sizes together; the runner batches equal sizes only: compare at batch 1
+    eager_json = json.loads((tmp_path / "e" / f"{images[0].stem}.json").read_text())
+    assert [d["class_name"] for d in onnx_json["detections"]] == [d["class_name"] for d in eager_json["detections"]]
+    assert len(onnx_json["detections"]) > 0
+
+
+def test_eval_of_the_export_equals_eval_of_the_weights(run, tmp_path):
+    """The same metrics through `fpndet eval` (shapes data, whose classes the tiny model's names match)."""
+    run_shapes = tmp_path / "shapes_run"
+    model = tiny_model()
+    from fpndet.data.formats.shapes import SHAPE_CLASSES
+
+    names = list(SHAPE_CLASSES) + CLASSES[len(SHAPE_CLASSES):]
+    save_model_weights(run_shapes / "best.safetensors", model.state_dict(), config=model.config.to_dict(),
+                       metadata={"class_names": names})
+    export_onnx(model, run_shapes / "model.onnx", class_names=names)
+    metrics = {}
+    for name, weights in (("eager", run_shapes), ("onnx", run_shapes / "model.onnx")):
+        assert main(["eval", "--weights", str(weights), "--data", "shapes", "--max-images", "6",
+                     "--output", str(tmp_path / name)]) == 0
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]
+    for key, value in metrics["eager"].items():
+        assert abs(value - metrics["onnx"][key]) <= 0.002, key
+
+
+def test_bad_onnx_files_get_one_message(run, coco128_dir, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes((run / "model.onnx").read_bytes()[:5000])
+    foreign = tmp_path / "foreign.onnx"
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 3, "H", "W"])])
+    onnx.save(helper.make_model(graph), foreign)
+    nhwc = tmp_path / "nhwc.onnx"
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", "H", "W", 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "H", "W", 3])])
+    model = helper.make_model(graph)
+    for key, value in {"fpndet_format": "1", "outputs": "detections"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, nhwc)
+    cases = {tmp_path / "missing.onnx": "no such", truncated: "not a readable ONNX file", foreign: "no fpndet metadata",
+             nhwc: "one \\[B, 3, H, W\\] input"}
+    for path, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            OnnxDetector(path)
+        image = coco128_dir / "images" / "000000000009.jpg"
+        assert main(["predict", "--weights", str(path), str(image), "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "--weights", str(run / "model.onnx"), "--data", "shapes", "--backend", "eager"]) == 2
+    assert "runs on onnxruntime" in capsys.readouterr().err
+    with pytest.raises(InputError, match="exported with score threshold"):
+        OnnxDetector(run / "model.onnx").postprocessor.score_thresh = 0.01
