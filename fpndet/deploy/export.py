@@ -1,12 +1,14 @@
 """Writing a trained detector as one ONNX file (``fpndet export``).
 
 The graph is :class:`~fpndet.deploy.graph.RetinaNetGraph` traced by ``torch.onnx.export``
-(the dynamo exporter) with dynamic batch, height and width; class-wise NMS becomes ONNX
-``NonMaxSuppression``. The file's metadata (``metadata_props``) carries what a runner needs:
+(the dynamo exporter) with dynamic batch, height and width (multiples of 32); class-wise NMS
+becomes ONNX ``NonMaxSuppression``. Inputs: ``images [B, 3, H, W]`` and ``image_sizes [B, 2]``
+int64 (:func:`~fpndet.deploy.graph.pad_batch` makes both). The file's metadata (``metadata_props``) carries what a runner needs:
 ``fpndet_format`` (version of this layout), ``arch``, ``outputs`` ("detections" or "raw"),
 ``class_names`` (JSON list), ``model_config`` (JSON, the fpndet model config), ``score_thresh``,
 ``nms_thresh``, ``detections_per_image``, ``min_size``, ``max_size`` (the resize the runner
-applies first), ``input_dtype``, ``min_input_side`` and ``pixel_mean`` / ``pixel_std``.
+applies first), ``input_dtype``, ``min_input_side``, ``inputs`` (a description) and
+``pixel_mean`` / ``pixel_std``.
 """
 from __future__ import annotations
 
@@ -29,17 +31,18 @@ RAW_OUTPUTS = ["cls_logits", "box_deltas", "anchors"]
 
 
 def min_input_side(model: nn.Module) -> int:
-    """The smallest input side the export is traced for: every level keeps >= 2 cells."""
-    return 2 ** model.config.max_level + 1
+    """The smallest padded side the export is traced for (every level keeps >= 2 cells); smaller
+    inputs run too (tested down to 64 px), the tracer just cannot promise it."""
+    return 2 ** model.config.max_level * 2
 
 
-def example_input(model: nn.Module, input_dtype: str) -> torch.Tensor:
-    """A batch of 2 whose sides are no multiple of 32 (so no shape is specialised while tracing)."""
-    side = 2 ** model.config.max_level
-    shape = (2, 3, 2 * side + PAD_TO + 13, 3 * side + PAD_TO + 7)
-    if input_dtype == "uint8":
-        return torch.randint(0, 256, shape, dtype=torch.uint8)
-    return torch.rand(shape)
+def example_inputs(model: nn.Module, input_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 2 of unequal sides, multiples of 32, with image sizes smaller than the batch."""
+    side = min_input_side(model)
+    shape = (2, 3, side + 3 * PAD_TO, side + 7 * PAD_TO)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8) if input_dtype == "uint8" else torch.rand(shape)
+    sizes = torch.tensor([[shape[2] - 5, shape[3]], [shape[2], shape[3] - 37]], dtype=torch.int64)
+    return images, sizes
 
 
 def export_onnx(
@@ -80,15 +83,16 @@ def export_onnx(
 
     model = model.cpu().eval()
     graph = RetinaNetGraph(model=model, raw=raw).eval()
-    example = example_input(model, input_dtype)
-    dims = {0: torch.export.Dim("batch", min=1, max=1024),
-            2: torch.export.Dim("height", min=min_input_side(model), max=16384),
-            3: torch.export.Dim("width", min=min_input_side(model), max=16384)}
+    example = example_inputs(model, input_dtype)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    low, high = min_input_side(model) // PAD_TO, 16384 // PAD_TO
+    dims = ({0: batch, 2: PAD_TO * torch.export.Dim("height_32", min=low, max=high),
+             3: PAD_TO * torch.export.Dim("width_32", min=low, max=high)}, {0: batch})
     names = RAW_OUTPUTS if raw else DETECTION_OUTPUTS
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph, (example,), dynamic_shapes=({k: v for k, v in dims.items()},), input_names=["images"],
+            graph, example, dynamic_shapes=dims, input_names=["images", "image_sizes"],
             output_names=names, custom_translation_table=nms_op.onnx_translation(), opset_version=opset,
             dynamo=True, verbose=False,
         )
@@ -120,6 +124,8 @@ def export_metadata(model: nn.Module, class_names: Sequence[str], *, raw: bool, 
         "max_size": str(int(pre.max_size)),
         "input_dtype": input_dtype,
         "min_input_side": str(min_input_side(model)),
+        "inputs": "images [B, 3, H, W] resized to the model's size and zero-padded to H, W multiples of 32; "
+                  "image_sizes [B, 2] int64 (h, w) before padding",
         "pixel_mean": json.dumps([float(v) for v in pre.pixel_mean.flatten()]),
         "pixel_std": json.dumps([float(v) for v in pre.pixel_std.flatten()]),
     }

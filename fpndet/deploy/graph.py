@@ -1,35 +1,42 @@
-"""The whole RetinaNet, after the resize, as one exportable function of a ``[B, 3, H, W]`` batch.
+"""The whole RetinaNet, after the resize, as one exportable function of a padded image batch.
 
 :class:`RetinaNetGraph` wraps a trained :class:`~fpndet.modeling.retinanet.RetinaNet` and reads
 like its eager inference, with every step written so that it traces into a graph with dynamic
 batch and image size and outputs of fixed rank (``torch.onnx.export``):
 
-1. the input: images already resized to the model's size by
-   :func:`fpndet.modeling.preprocess.resize_image` (the eager pre-processor's resize, which
-   :mod:`fpndet.deploy.runtime` applies too), float RGB in [0, 1] or uint8 in [0, 255];
-2. normalise with the backbone's mean/std, zero-pad bottom/right to a multiple of 32;
+1. the inputs: ``images [B, 3, H, W]``, each resized to the model's size by
+   :func:`fpndet.modeling.preprocess.resize_image` (the eager pre-processor's resize) and padded
+   bottom/right to the batch's common ``H, W``, multiples of 32 (:func:`pad_batch` does both,
+   as :mod:`fpndet.deploy.runtime` does), float RGB in [0, 1] or uint8 in [0, 255]; and
+   ``image_sizes [B, 2]`` int64, the (h, w) of each image before padding;
+2. normalise with the backbone's mean/std and zero the padding (the eager pre-processor pads
+   the normalised image with zeros);
 3. backbone, FPN, heads; anchors computed from the feature-map shapes;
 4. per level: scores (sigmoid, or softmax without the background), the ``topk_candidates`` best
-   (image, anchor, class) entries, their boxes decoded and clipped to the input;
+   (image, anchor, class) entries, their boxes decoded and clipped to their image's (h, w);
 5. class-wise NMS (:mod:`fpndet.deploy.nms_op`, ONNX ``NonMaxSuppression``) and the
-   ``detections_per_image`` best, padded: ``boxes [B, K, 4]`` xyxy pixels of the input,
+   ``detections_per_image`` best, padded: ``boxes [B, K, 4]`` xyxy pixels of the input images,
    ``scores [B, K]`` (0 for padding), ``labels [B, K]`` int64 (-1 for padding) and
    ``num_detections [B]`` int64, K = ``detections_per_image``.
 
 The eager post-processor thresholds scores before its top-k; here the top-k comes first and the
 threshold is applied by the NMS. The kept detections are the same whenever a level has fewer
 than ``topk_candidates`` entries above the threshold (the case for trained models: the eager
-top-k then keeps all of them too). All images of a batch share the input size, so each is
-clipped to ``(H, W)``: run images of different sizes in separate batches (the runner does).
+top-k then keeps all of them too). A batch of images of different sizes is padded together as
+the eager model pads it, so the two give the same detections for the same batch.
+
+Padding to a multiple of 32 happens before the graph, so every traced size is a multiple of one
+symbol: exporting then takes seconds to a minute instead of up to tens of minutes (the sizes of a
+deep backbone on an arbitrary side become nested floor expressions that the tracer's shape
+reasoning struggles with).
 
 ``raw=True`` returns the head outputs instead: ``cls_logits [B, A, K(+1)]``, ``box_deltas
-[B, A, 4]`` (dx, dy, dw, dh) and ``anchors [A, 4]`` xyxy pixels of the padded input, for users
+[B, A, 4]`` (dx, dy, dw, dh) and ``anchors [A, 4]`` xyxy pixels of the padded batch, for users
 with their own post-processing.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modeling.box_ops import clip_boxes
@@ -52,13 +59,14 @@ class RetinaNetGraph(nn.Module):
         self.nms_thresh = float(post.nms_thresh)
         self.detections_per_image = int(post.detections_per_image)
 
-    def prepare(self, images: Tensor) -> Tensor:
-        """uint8 or float ``[B, 3, H, W]`` -> normalised float ``[B, 3, H', W']`` padded to /32."""
+    def prepare(self, images: Tensor, image_sizes: Tensor) -> Tensor:
+        """uint8 or float ``[B, 3, H, W]`` -> normalised float, zero outside each image's (h, w)."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         pre = self.model.preprocessor
         x = (x - pre.pixel_mean) / pre.pixel_std
-        height, width = x.shape[-2], x.shape[-1]
-        return F.pad(x, (0, (PAD_TO - width % PAD_TO) % PAD_TO, 0, (PAD_TO - height % PAD_TO) % PAD_TO))
+        rows = torch.arange(x.shape[-2], device=x.device)[None, :] < image_sizes[:, :1]
+        cols = torch.arange(x.shape[-1], device=x.device)[None, :] < image_sizes[:, 1:]
+        return x * (rows[:, :, None] & cols[:, None, :])[:, None].to(x.dtype)
 
     def anchors(self, padded_size, features) -> list[Tensor]:
         gen = self.model.anchor_generator
@@ -68,38 +76,41 @@ class RetinaNetGraph(nn.Module):
             out.append(gen.level_anchors(level, grid, gen.level_stride(level, padded_size, grid)))
         return out
 
-    def forward(self, images: Tensor):
-        """``images`` ``[B, 3, H, W]`` (module doc) -> the four padded outputs, or the raw three."""
-        x = self.prepare(images)
+    def forward(self, images: Tensor, image_sizes: Tensor):
+        """``images [B, 3, H, W]``, ``image_sizes [B, 2]`` (module doc) -> the four padded outputs,
+        or the raw three."""
+        x = self.prepare(images, image_sizes)
         model = self.model
         features = model.fpn(model.backbone(x))
-        cls_logits, box_deltas = model.head(features)
+        cls_logits, box_deltas = model.head.per_level(features)
         anchors = self.anchors((x.shape[-2], x.shape[-1]), features)
         if self.raw:
-            return cls_logits, box_deltas, torch.cat(anchors)
-        return self.detections(cls_logits, box_deltas, anchors, (images.shape[-2], images.shape[-1]))
+            return torch.cat(cls_logits, 1), torch.cat(box_deltas, 1), torch.cat(anchors)
+        return self.detections(cls_logits, box_deltas, anchors, image_sizes)
 
-    def detections(self, cls_logits, box_deltas, anchors, image_size):
-        batch, num_logits = cls_logits.shape[0], cls_logits.shape[-1]
+    def level_candidates(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor):
+        """The ``topk_candidates`` best (anchor, class) entries of one level: their decoded boxes
+        ``[B, k, 4]``, scores ``[B, k]`` and labels ``[B, k]``."""
+        batch, count, num_logits = cls_logits.shape
         num_classes = num_logits - int(self.softmax)
-        scores = torch.softmax(cls_logits.float(), -1)[..., :num_classes] if self.softmax else torch.sigmoid(cls_logits.float())
-        coder = self.model.postprocessor.box_coder
-        level_boxes, level_scores, level_labels = [], [], []
-        start = 0
-        for level_anchors in anchors:
-            count = level_anchors.shape[0]
-            flat = scores[:, start:start + count].reshape(batch, -1)
-            top_scores, top_index = flat.topk(torch.sym_min(self.topk_candidates, count * num_classes), dim=1)
-            anchor = top_index // num_classes
-            deltas = box_deltas[:, start:start + count].gather(1, anchor[..., None].expand(-1, -1, 4))
-            boxes = coder.decode(deltas.float(), level_anchors[anchor])
-            level_boxes.append(boxes)
-            level_scores.append(top_scores)
-            level_labels.append(top_index % num_classes)
-            start += count
-        size = torch.tensor([image_size[0], image_size[1]], device=cls_logits.device)
-        boxes = clip_boxes(torch.cat(level_boxes, 1), size.view(1, 1, 2))
-        scores, labels = torch.cat(level_scores, 1), torch.cat(level_labels, 1)
+        k = torch.sym_min(self.topk_candidates, count * num_classes)
+        if self.softmax:
+            scores = torch.softmax(cls_logits.float(), -1)[..., :num_classes].reshape(batch, count * num_classes)
+            top_scores, top_index = scores.topk(k, dim=1)
+        else:  # sigmoid is monotonic: rank the logits, score only the k kept
+            top_logits, top_index = cls_logits.reshape(batch, count * num_classes).topk(k, dim=1)
+            top_scores = torch.sigmoid(top_logits.float())
+        anchor = top_index // num_classes
+        deltas = box_deltas.gather(1, anchor[..., None].expand(-1, -1, 4))
+        boxes = self.model.postprocessor.box_coder.decode(deltas.float(), anchors[anchor])
+        return boxes, top_scores, top_index % num_classes
+
+    def detections(self, cls_logits: list[Tensor], box_deltas: list[Tensor], anchors: list[Tensor], image_sizes: Tensor):
+        """Per-level head outputs -> the four padded outputs (module doc, steps 4-5)."""
+        num_classes = cls_logits[0].shape[-1] - int(self.softmax)
+        boxes, scores, labels = zip(*(self.level_candidates(c, d, a) for c, d, a in zip(cls_logits, box_deltas, anchors)))
+        boxes = clip_boxes(torch.cat(boxes, 1), image_sizes[:, None, :].to(torch.float32))
+        scores, labels = torch.cat(scores, 1), torch.cat(labels, 1)
         kept = torch.ops.fpndet.multiclass_nms(boxes, scores, labels, num_classes, self.nms_thresh, self.score_thresh)
         return self.padded_best(boxes, scores, labels, kept)
 
@@ -119,3 +130,19 @@ class RetinaNetGraph(nn.Module):
             torch.where(valid, labels.gather(1, best), torch.full_like(best, -1)),
             valid.sum(1),
         )
+
+
+def pad_batch(images: list[Tensor], *, min_size: int, max_size: int) -> tuple[Tensor, Tensor]:
+    """Inputs of an exported graph: each float ``[3, h, w]`` image in [0, 1] resized with
+    :func:`~fpndet.modeling.preprocess.resize_image` and zero-padded bottom/right to the batch's
+    largest (h, w) rounded up to a multiple of 32. Returns ``(images [B, 3, H, W] float32,
+    image_sizes [B, 2] int64)``, the (h, w) of each resized image."""
+    from ..modeling.preprocess import resize_image
+
+    resized = [resize_image(image.float(), min_size, max_size) for image in images]
+    height = -(-max(r.shape[-2] for r in resized) // PAD_TO) * PAD_TO
+    width = -(-max(r.shape[-1] for r in resized) // PAD_TO) * PAD_TO
+    batch = resized[0].new_zeros((len(resized), 3, height, width))
+    for i, r in enumerate(resized):
+        batch[i, :, : r.shape[-2], : r.shape[-1]] = r
+    return batch, torch.tensor([list(r.shape[-2:]) for r in resized], dtype=torch.int64)

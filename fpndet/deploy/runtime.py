@@ -3,10 +3,11 @@
 :class:`OnnxDetector` is used like a PyTorch detector in eval mode: ``detector(images)`` with
 float ``[3, h, w]`` RGB images in [0, 1] returns one ``{"boxes" [N, 4] xyxy pixels of the
 input image, "scores" [N], "labels" int64 [N]}`` per image, so ``fpndet predict`` and
-``fpndet eval --weights model.onnx`` run it unchanged. Each image is resized with
+``fpndet eval --weights model.onnx`` run it unchanged. The images of a call are resized with
 :func:`~fpndet.modeling.preprocess.resize_image` (the eager model's resize, with the export's
-``min_size`` / ``max_size``); images that come out the same size run as one batch, and the
-boxes are scaled back by the same float32 ratios as the eager post-processor.
+``min_size`` / ``max_size``) and padded together into one batch
+(:func:`~fpndet.deploy.graph.pad_batch`), as the eager model batches them, and the boxes are
+scaled back by the same float32 ratios as the eager post-processor.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..modeling.config import ModelConfig
-from ..modeling.preprocess import resize_image
+from .graph import pad_batch
 
 BACKENDS = ("onnxruntime", "openvino", "openvino-bf16")
 
@@ -88,8 +89,9 @@ class OnnxDetector:
         if meta.get("outputs") != "detections":
             raise InputError(self.path, "was exported with --raw (head outputs only); predict and eval need an "
                              "export with detections (fpndet export without --raw)")
-        if len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][1] != 3:
-            raise InputError(self.path, f"expects inputs {shapes}; fpndet runs models of one [B, 3, H, W] input")
+        if len(shapes) != 2 or len(shapes[0]) != 4 or shapes[0][1] != 3 or shapes[1][1:] != [2]:
+            raise InputError(self.path, f"expects inputs of shapes {shapes}; fpndet runs exports of inputs "
+                             "images [B, 3, H, W] and image_sizes [B, 2]")
         self.metadata = meta
         self.class_names = json.loads(meta["class_names"])
         self.config = ModelConfig.from_dict(json.loads(meta["model_config"]))
@@ -114,7 +116,7 @@ class OnnxDetector:
                 session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
             except Exception as err:
                 raise InputError(self.path, f"onnxruntime cannot load it: {str(err).splitlines()[0][:200]}") from None
-            return lambda batch: session.run(None, {"images": batch})
+            return lambda batch, sizes: session.run(None, {"images": batch, "image_sizes": sizes})
         if backend in ("openvino", "openvino-bf16"):
             try:
                 import openvino as ov
@@ -131,8 +133,8 @@ class OnnxDetector:
                 raise InputError(self.path, f"OpenVINO cannot load it: {str(err).splitlines()[0][:200]}") from None
             request = compiled.create_infer_request()
 
-            def run(batch):
-                result = request.infer({0: batch})
+            def run(batch, sizes):
+                result = request.infer({0: batch, 1: sizes})
                 return [result[out] for out in compiled.outputs]
 
             return run
@@ -151,24 +153,18 @@ class OnnxDetector:
 
     def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Detections for float ``[3, h, w]`` RGB images in [0, 1] (any sizes; module doc)."""
-        resized = [resize_image(image.detach().float().cpu(), self.min_size, self.max_size) for image in images]
-        groups: dict[tuple, list[int]] = {}
-        for index, image in enumerate(resized):
-            groups.setdefault(tuple(image.shape), []).append(index)
-        results: list = [None] * len(images)
-        for indices in groups.values():
-            batch = torch.stack([resized[i] for i in indices]).numpy()
-            if self.input_dtype == "uint8":
-                batch = np.clip(np.rint(batch * 255.0), 0, 255).astype(np.uint8)
-            boxes, scores, labels, counts = self._run(np.ascontiguousarray(batch))
-            for row, index in enumerate(indices):
-                results[index] = self._detections(images[index], resized[index], boxes[row], scores[row],
-                                                  labels[row], int(counts[row]))
-        return results
+        images = [image.detach().float().cpu() for image in images]
+        batch, sizes = pad_batch(images, min_size=self.min_size, max_size=self.max_size)
+        batch = batch.numpy()
+        if self.input_dtype == "uint8":
+            batch = np.clip(np.rint(batch * 255.0), 0, 255).astype(np.uint8)
+        boxes, scores, labels, counts = self._run(np.ascontiguousarray(batch), sizes.numpy())
+        return [self._detections(image, tuple(sizes[i].tolist()), boxes[i], scores[i], labels[i], int(counts[i]))
+                for i, image in enumerate(images)]
 
-    def _detections(self, image: Tensor, resized: Tensor, boxes, scores, labels, count: int) -> dict[str, Tensor]:
+    def _detections(self, image: Tensor, resized: tuple, boxes, scores, labels, count: int) -> dict[str, Tensor]:
         keep = scores[:count] >= self.postprocessor.score_thresh
-        (height, width), (new_h, new_w) = image.shape[-2:], resized.shape[-2:]
+        (height, width), (new_h, new_w) = image.shape[-2:], resized
         ratios = torch.tensor([width / new_w, height / new_h], dtype=torch.float32).repeat(2)
         return {
             "boxes": torch.from_numpy(np.array(boxes[:count][keep], dtype=np.float32)).reshape(-1, 4) * ratios,

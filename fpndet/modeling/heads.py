@@ -34,8 +34,9 @@ def conv_tower(*, channels: int, depth: int, norm: Optional[str]) -> nn.Sequenti
 
 def flatten_level(x: Tensor, per_anchor: int) -> Tensor:
     """``[B, A*per_anchor, H, W]`` -> ``[B, H*W*A, per_anchor]`` (location-major, anchor-minor)."""
-    b, _, h, w = x.shape
-    return x.view(b, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, per_anchor)
+    b, channels, h, w = x.shape
+    anchors = channels // per_anchor  # sizes spelled out (no -1): cheap for the ONNX exporter's shape reasoning
+    return x.view(b, anchors, per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(b, h * w * anchors, per_anchor)
 
 
 def prior_bias(num_anchors: int, num_classes: int, background_logit: bool, prior_prob: float) -> Tensor:
@@ -97,10 +98,15 @@ class RetinaNetHead(nn.Module):
         with torch.no_grad():
             self.cls_logits.bias.copy_(prior_bias(num_anchors, num_classes, background_logit, prior_prob))
 
-    def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def per_level(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The outputs of each level: ``[B, H_l W_l A, num_logits]`` and ``[B, H_l W_l A, 4]``."""
         cls_out, box_out = [], []
         for x in features:
             x = self.input_proj(x)
             cls_out.append(flatten_level(self.cls_logits(self.cls_tower(x)), self.num_logits))
             box_out.append(flatten_level(self.box_deltas(self.box_tower(x)), 4))
+        return cls_out, box_out
+
+    def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        cls_out, box_out = self.per_level(features)
         return torch.cat(cls_out, dim=1), torch.cat(box_out, dim=1)

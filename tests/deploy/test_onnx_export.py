@@ -16,6 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 from fpndet.cli import main  # noqa: E402
 from fpndet.data.images import load_image  # noqa: E402
 from fpndet.deploy.export import export_onnx  # noqa: E402
+from fpndet.deploy.graph import pad_batch  # noqa: E402
 from fpndet.deploy.runtime import OnnxDetector  # noqa: E402
 from fpndet.engine.checkpoints import save_model_weights  # noqa: E402
 from fpndet.engine.model_io import load_detector  # noqa: E402
@@ -76,12 +77,16 @@ def assert_same(reference, found):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("batch", [1, 2, 4])
-@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("size", [*SIZES, "mixed"])
 def test_export_gives_the_eager_detections(run, size, batch, backend):
     if backend == "openvino":
         pytest.importorskip("openvino")
     model, _ = load_detector(run)
-    images = real_images(size, batch)
+    if size == "mixed":  # a landscape, a portrait, a wide and a landscape image padded into one batch
+        images = [real_images(name, 2)[-1] for name in SIZES] + real_images("coco_landscape", 1)
+        images = images[:batch]
+    else:
+        images = real_images(size, batch)
     with torch.no_grad():
         reference = model(images)
     assert sum(len(r["boxes"]) for r in reference) > 0
@@ -91,10 +96,9 @@ def test_export_gives_the_eager_detections(run, size, batch, backend):
 def test_graph_batches_in_one_call_with_fixed_rank_outputs(run):
     session = ort.InferenceSession(str(run / "model.onnx"))
     images = real_images("coco_landscape", 4)
-    from fpndet.modeling.preprocess import resize_image
-
-    batch = torch.stack([resize_image(im, 320, 480) for im in images]).numpy()
-    boxes, scores, labels, counts = session.run(None, {"images": batch})
+    batch, sizes = pad_batch(images, min_size=320, max_size=480)
+    assert batch.shape[-2] % 32 == 0 and batch.shape[-1] % 32 == 0
+    boxes, scores, labels, counts = session.run(None, {"images": batch.numpy(), "image_sizes": sizes.numpy()})
     assert boxes.shape == (4, 100, 4) and scores.shape == (4, 100) and labels.shape == (4, 100) and counts.shape == (4,)
     for i, count in enumerate(counts):  # padding after the detections
         assert (labels[i, count:] == -1).all() and (scores[i, count:] == 0).all() and (boxes[i, count:] == 0).all()
@@ -111,7 +115,8 @@ def test_no_detection_above_the_threshold(tmp_path):
     found = OnnxDetector(path)(images)
     assert [tuple(f["boxes"].shape) for f in found] == [(0, 4), (0, 4)]
     session = ort.InferenceSession(str(path))
-    counts = session.run(None, {"images": np.zeros((3, 3, 320, 416), dtype=np.uint8)})[3]
+    sizes = np.array([[320, 416], [300, 400], [64, 64]], dtype=np.int64)
+    counts = session.run(None, {"images": np.zeros((3, 3, 320, 416), dtype=np.uint8), "image_sizes": sizes})[3]
     assert counts.tolist() == [0, 0, 0]
     meta = {p.key: p.value for p in __import__("onnx").load(str(path)).metadata_props}
     assert meta["input_dtype"] == "uint8" and json.loads(meta["class_names"]) == CLASSES and meta["score_thresh"] == "0.9999"
@@ -120,13 +125,12 @@ def test_no_detection_above_the_threshold(tmp_path):
 def test_raw_export_gives_head_outputs(tmp_path):
     model = tiny_model()
     path = export_onnx(model, tmp_path / "raw.onnx", class_names=CLASSES, raw=True)
-    from fpndet.modeling.preprocess import resize_image
-
-    image = resize_image(real_images("coco_wide", 1)[0], 320, 480)
-    cls_logits, box_deltas, anchors = ort.InferenceSession(str(path)).run(None, {"images": image[None].numpy()})
+    images = real_images("coco_wide", 1) + real_images("raccoon_portrait", 1)
+    batch, sizes = pad_batch(images, min_size=320, max_size=480)
+    cls_logits, box_deltas, anchors = ort.InferenceSession(str(path)).run(
+        None, {"images": batch.numpy(), "image_sizes": sizes.numpy()})
     with torch.no_grad():
-        batch = model.preprocessor([image])  # already at the model's size: the resize keeps it
-        expected = model.head_outputs(batch.tensor)
+        expected = model.head_outputs(model.preprocessor(images).tensor)
     assert np.abs(cls_logits - expected.cls_logits.numpy()).max() < 1e-3
     assert np.abs(box_deltas - expected.box_deltas.numpy()).max() < 1e-3
     assert np.array_equal(anchors, expected.anchors.numpy())
@@ -140,8 +144,7 @@ def test_predict_and_eval_run_the_onnx_file(run, coco128_dir, tmp_path):
                  "--no-draw", "--score-thresh", "0.2", "--workers", "0"]) == 0
     onnx_json = json.loads((tmp_path / "p" / f"{images[0].stem}.json").read_text())
     assert main(["predict", "--weights", str(run), *map(str, images), "--output", str(tmp_path / "e"),
-                 "--no-draw", "--score-thresh", "0.2", "--workers", "0", "--backend", "eager", "--batch-size", "1"]) == 0
-    # eager pads a batch of different sizes together; the runner batches equal sizes only: compare at batch 1
+                 "--no-draw", "--score-thresh", "0.2", "--workers", "0", "--backend", "eager"]) == 0
     eager_json = json.loads((tmp_path / "e" / f"{images[0].stem}.json").read_text())
     assert [d["class_name"] for d in onnx_json["detections"]] == [d["class_name"] for d in eager_json["detections"]]
     assert len(onnx_json["detections"]) > 0
@@ -187,7 +190,7 @@ def test_bad_onnx_files_get_one_message(run, coco128_dir, tmp_path, capsys):
         entry.key, entry.value = key, value
     onnx.save(model, nhwc)
     cases = {tmp_path / "missing.onnx": "no such", truncated: "not a readable ONNX file", foreign: "no fpndet metadata",
-             nhwc: "one \\[B, 3, H, W\\] input"}
+             nhwc: "image_sizes \\[B, 2\\]"}
     for path, message in cases.items():
         with pytest.raises(InputError, match=message):
             OnnxDetector(path)
