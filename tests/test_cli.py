@@ -318,7 +318,7 @@ def _predict(checkpoint, sources, out, *extra) -> int:
 def test_predict_writes_json_and_annotated_jpeg(checkpoint, raccoon_images, tmp_path, capsys):
     low, high = tmp_path / "low", tmp_path / "high"
     assert _predict(checkpoint, [raccoon_images], low, "--score-thresh", "0.0") == 0
-    assert "2 images, 200 detections (score >= 0.0); written to" in capsys.readouterr().out
+    assert "2 images, 200 detections (score >= 0.0, backend fast); written to" in capsys.readouterr().out
     for name, size in (("raccoon-1", (650, 417)), ("raccoon-150", None)):
         record = json.loads((low / f"{name}.json").read_text())
         assert set(record) == {"file", "image", "width", "height", "detections"}
@@ -341,7 +341,7 @@ def test_predict_writes_json_and_annotated_jpeg(checkpoint, raccoon_images, tmp_
             assert drawn.format == "JPEG" and drawn.size == (record["width"], record["height"])
 
     assert _predict(checkpoint, [raccoon_images / "raccoon-1.jpg"], high, "--score-thresh", "0.99", "--no-draw") == 0
-    assert "1 images, 0 detections (score >= 0.99); written to" in capsys.readouterr().out
+    assert "1 images, 0 detections (score >= 0.99, backend fast); written to" in capsys.readouterr().out
     assert json.loads((high / "raccoon-1.json").read_text())["detections"] == []
     assert not (high / "raccoon-1.jpg").exists()
 

@@ -4,7 +4,6 @@ the CLI (export, predict, eval on the .onnx); bad files refused with one message
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
