@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def coco128(coco128_dir):
 
 def test_coco128_counts_and_crowd(coco128, coco128_dir):
     assert len(coco128) == 128 and coco128.num_classes == 80
-    assert coco128.images_dir == coco128_dir / "images"
+    assert coco128.images_dir.resolve() == (coco128_dir / "images").resolve()
     records = [coco128.annotation(i) for i in range(len(coco128))]
     assert sum(len(r.boxes) for r in records) == 939
     assert sum(int(r.iscrowd.sum()) for r in records) == 10
@@ -55,7 +56,7 @@ def test_coco128_sample_layout(coco128, coco128_dir):
     assert target["labels"].dtype == torch.int64 and target["iscrowd"].dtype == torch.bool
     assert len(boxes) == len(target["labels"]) == len(target["iscrowd"]) == 8
     assert target["image_id"] == 9 and target["orig_size"] == (480, 640)
-    assert target["file_name"] == str(coco128_dir / "images" / "000000000009.jpg")
+    assert Path(target["file_name"]).resolve() == (coco128_dir / "images" / "000000000009.jpg").resolve()
 
 
 def test_coco128_json_sizes_match_images(coco128):
