@@ -307,30 +307,13 @@ def synthetic_targets(*, batch: int, boxes_per_image: int, num_classes: int, ima
 # ----------------------------------------------------------------------------------------------
 # comparing detections
 # ----------------------------------------------------------------------------------------------
-def matched_sets(reference: Sequence[dict[str, Tensor]], other: Sequence[dict[str, Tensor]], *,
-                 box_tol: float = 0.5, score_tol: float = 1e-4) -> dict[str, Any]:
-    """Whether two detection lists hold the same detections regardless of the order of (near-)tied
-    scores: equal counts per image, and every reference detection has one of the other's with the
-    same label, every box coordinate within ``box_tol`` px and the score within ``score_tol``
-    (greedy one-to-one matching). Returns ``{"set_equal", "unmatched"}``."""
-    unmatched, same_counts = 0, True
-    for ref, oth in zip(reference, other):
-        if len(ref["boxes"]) != len(oth["boxes"]):
-            same_counts = False
-        if len(ref["boxes"]) == 0 or len(oth["boxes"]) == 0:
-            unmatched += len(ref["boxes"])
-            continue
-        close = ((ref["boxes"].float()[:, None] - oth["boxes"].float()[None]).abs().amax(-1) <= box_tol)
-        close &= (ref["scores"].float()[:, None] - oth["scores"].float()[None]).abs() <= score_tol
-        close &= ref["labels"][:, None] == oth["labels"][None]
-        taken = torch.zeros(len(oth["boxes"]), dtype=torch.bool)
-        for row in close:
-            free = (row & ~taken).nonzero()
-            if len(free):
-                taken[free[0, 0]] = True
-            else:
-                unmatched += 1
-    return {"set_equal": same_counts and unmatched == 0, "unmatched": unmatched}
+def matched_sets(reference: Sequence[dict[str, Tensor]], other: Sequence[dict[str, Tensor]]) -> dict[str, Any]:
+    """``{"set_equal", "unmatched"}`` from fpndet's one-to-one matching
+    (:func:`fpndet.deploy.benchmark.compare`: same label, box within 0.5 px, score within 1e-4)."""
+    from fpndet.deploy.benchmark import compare
+
+    result = compare(reference, other)
+    return {"set_equal": result["equal"], "unmatched": result["unmatched"]}
 
 
 def compare_detections(reference: Sequence[dict[str, Tensor]], other: Sequence[dict[str, Tensor]]) -> dict[str, Any]:

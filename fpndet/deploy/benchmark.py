@@ -23,18 +23,36 @@ DEFAULT_BACKENDS = ("eager", "fast", "onnxruntime", "openvino", "openvino-bf16")
 BOX_TOLERANCE_PX, SCORE_TOLERANCE = 0.5, 1e-4
 
 
-def compare(reference: Sequence[dict[str, Tensor]], other: Sequence[dict[str, Tensor]]) -> dict:
-    """Per batch: equal counts and labels (bool), largest |box| (px) and |score| differences."""
-    same, box_diff, score_diff = True, 0.0, 0.0
+def compare(reference: Sequence[dict[str, Tensor]], other: Sequence[dict[str, Tensor]], *,
+            box_tol: float = BOX_TOLERANCE_PX, score_tol: float = SCORE_TOLERANCE) -> dict:
+    """Whether two detection lists hold the same detections, whatever the order of tied scores.
+
+    Per image the counts must agree and every reference detection must match one of ``other``'s
+    (one to one, greedily in score order) with the same label, every box coordinate within
+    ``box_tol`` px and the score within ``score_tol``. Returns ``{"equal", "same_counts",
+    "unmatched", "max_box_diff_px", "max_score_diff"}`` (the differences over matched pairs)."""
+    same_counts, unmatched, box_diff, score_diff = True, 0, 0.0, 0.0
     for ref, out in zip(reference, other):
-        if len(ref["boxes"]) != len(out["boxes"]) or not torch.equal(ref["labels"].cpu(), out["labels"].cpu()):
-            same = False
+        ref = {k: v.detach().cpu() for k, v in ref.items()}
+        out = {k: v.detach().cpu() for k, v in out.items()}
+        same_counts &= len(ref["boxes"]) == len(out["boxes"])
+        if len(ref["boxes"]) == 0 or len(out["boxes"]) == 0:
+            unmatched += len(ref["boxes"])
             continue
-        if len(ref["boxes"]):
-            box_diff = max(box_diff, float((ref["boxes"].cpu() - out["boxes"].cpu()).abs().max()))
-            score_diff = max(score_diff, float((ref["scores"].cpu() - out["scores"].cpu()).abs().max()))
-    equal = same and box_diff <= BOX_TOLERANCE_PX and score_diff <= SCORE_TOLERANCE
-    return {"same_counts_labels": same, "max_box_diff_px": box_diff, "max_score_diff": score_diff, "equal": equal}
+        boxes = (ref["boxes"].float()[:, None] - out["boxes"].float()[None]).abs().amax(-1)
+        scores = (ref["scores"].float()[:, None] - out["scores"].float()[None]).abs()
+        close = (boxes <= box_tol) & (scores <= score_tol) & (ref["labels"][:, None] == out["labels"][None])
+        taken = torch.zeros(len(out["boxes"]), dtype=torch.bool)
+        for row, candidates in enumerate(close):  # greedy one-to-one matching, at most 1000 rows
+            free = (candidates & ~taken).nonzero()
+            if len(free) == 0:
+                unmatched += 1
+                continue
+            taken[free[0, 0]] = True
+            box_diff = max(box_diff, float(boxes[row, free[0, 0]]))
+            score_diff = max(score_diff, float(scores[row, free[0, 0]]))
+    return {"equal": same_counts and unmatched == 0, "same_counts": same_counts, "unmatched": unmatched,
+            "max_box_diff_px": box_diff, "max_score_diff": score_diff}
 
 
 class PeakMemory:
@@ -103,8 +121,8 @@ def _call(detector, images, device):
 def benchmark_backends(weights, *, device: torch.device = torch.device("cpu"), batch: int = 1,
                        size: Optional[int] = None, image_folder: Optional[str] = None, repeats: int = 5,
                        backends: Optional[Sequence[str]] = None) -> list[dict]:
-    """One row per backend: ``{"backend", "ms_per_image", "images_per_s", "peak_mib", "equal",
-    "max_box_diff_px", "max_score_diff", "same_counts_labels"}`` (or ``"skipped"`` with the
+    """One row per backend: ``{"backend", "ms_per_image", "images_per_s", "peak_mib"}`` and the
+    fields of :func:`compare` (or ``"skipped"`` with the
     reason). Raises InputError for an unknown backend name."""
     chosen = list(backends or [b for b in DEFAULT_BACKENDS if installed(b)])
     unknown = [b for b in chosen if b not in BACKEND_CHOICES or b == "auto"]
@@ -151,8 +169,8 @@ def format_benchmark(rows: Sequence[dict]) -> str:
         if "skipped" in row:
             lines.append(f"{row['backend']:<14} {'-':>9} {'-':>9} {'-':>9} {'-':>9}  skipped: {row['skipped']}")
             continue
-        verdict = ("equal" if row["equal"] else "DIFFERENT" if not row["same_counts_labels"] else "close") + \
-            f" (boxes {row['max_box_diff_px']:.2g} px, scores {row['max_score_diff']:.2g})"
+        verdict = (f"equal (boxes {row['max_box_diff_px']:.2g} px, scores {row['max_score_diff']:.2g})" if row["equal"]
+                   else f"DIFFERENT ({row['unmatched']} unmatched)")
         lines.append(f"{row['backend']:<14} {row['ms_per_image']:>9.1f} {row['images_per_s']:>9.2f} "
                      f"{row.get('vs_eager', float('nan')):>8.2f}x {row['peak_mib']:>9.0f}  {verdict}")
     return "\n".join(lines)

@@ -77,3 +77,16 @@ def test_benchmark_times_backends_after_checking_them(tmp_path, capsys):
                  "--output", str(tmp_path / "bench.json")]) == 0
     assert "ms/image" in capsys.readouterr().out and (tmp_path / "bench.json").is_file()
     assert main(["benchmark", "--weights", str(tmp_path), "--backends", "warp"]) == 2
+
+
+def test_compare_ignores_the_order_of_tied_scores_but_not_a_moved_box():
+    from fpndet.deploy.benchmark import compare
+
+    ref = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20.0, 20, 30, 30]]), "scores": torch.tensor([0.5, 0.5]),
+            "labels": torch.tensor([1, 2])}]
+    swapped = [{k: v.flip(0) for k, v in ref[0].items()}]
+    assert compare(ref, swapped)["equal"]
+    moved = [{**ref[0], "boxes": ref[0]["boxes"] + torch.tensor([[0.0, 0, 0, 0], [0.0, 0, 0.6, 0]])}]
+    result = compare(ref, moved)
+    assert not result["equal"] and result["unmatched"] == 1
+    assert not compare(ref, [{k: v[:1] for k, v in ref[0].items()}])["equal"]
