@@ -201,3 +201,19 @@ def test_bad_onnx_files_get_one_message(run, coco128_dir, tmp_path, capsys):
     assert "runs on onnxruntime" in capsys.readouterr().err
     with pytest.raises(InputError, match="exported with score threshold"):
         OnnxDetector(run / "model.onnx").postprocessor.score_thresh = 0.01
+
+
+def test_export_options_set_the_graph_threshold_and_k(run, tmp_path):
+    path = tmp_path / "k7.onnx"
+    assert main(["export", "--weights", str(run), "--output", str(path), "--score-thresh", "0.3",
+                 "--detections", "7"]) == 0
+    images = real_images("coco_landscape", 2)
+    batch, sizes = pad_batch(images, min_size=320, max_size=480)
+    boxes, scores, labels, counts = ort.InferenceSession(str(path)).run(
+        None, {"images": batch.numpy(), "image_sizes": sizes.numpy()})
+    assert boxes.shape == (2, 7, 4) and counts.max() <= 7
+    assert all((scores[i, :n] > 0.3).all() for i, n in enumerate(counts))
+    model, _ = load_detector(run, overrides={"score_thresh": 0.3, "detections_per_image": 7})
+    with torch.no_grad():
+        assert_same(model(images), OnnxDetector(path)(images))
+    assert OnnxDetector(path).postprocessor.score_thresh == 0.3
