@@ -40,6 +40,9 @@ class DataConfig:
     # image where it resizes; evaluation uses the last), e.g. model.min_size=[640,672,704,736,768,800].
     color_jitter: bool = False
     cache_images: bool = False  # decode every image once and keep it in memory
+    # Batches of landscape images and batches of portrait images (where the counts allow), so the
+    # two do not pad each other to squares (engine/sampling.py: aspect_ratio_groups).
+    group_aspect_ratio: bool = True
     # Images whose header cannot be read, or whose size contradicts the annotation, found by the
     # check before training: "error" stops there listing them all, "skip" trains without them.
     # (An image that fails to decode later is always skipped, with a warning, and counted.)
@@ -79,6 +82,14 @@ class TrainConfig:
     num_threads: Optional[int] = None  # torch CPU threads
     init_weights: Optional[str] = None  # a fpndet checkpoint / torchvision .pth to start from
     ddp_timeout_s: float = 600.0  # torchrun runs: a process dead or silent this long stops the others
+    # Weight EMA (timm's ModelEmaV3 with decay warm-up: decay_t = min(ema_decay, 1 - (1 + t)^-ema_warmup_power)):
+    # evaluated, and saved as last/best.safetensors, in place of the raw weights; last.pth keeps both.
+    ema: bool = False
+    ema_decay: float = 0.9998
+    ema_warmup_power: float = 0.75
+    # Early stopping: stop after this many evaluations in a row without a new best AP (AR@1000 for
+    # an RPN); None: never.
+    patience: Optional[int] = None
 
 
 @dataclass
@@ -95,6 +106,7 @@ class EvalConfig:
     batch_size: int = 8
     score_thresh: Optional[float] = 0.05
     max_images: Optional[int] = None
+    loss: bool = True  # also compute the validation loss (same pass as the detections) and log it
 
 
 @dataclass

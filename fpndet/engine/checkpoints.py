@@ -250,6 +250,7 @@ def save_training_state(
     epoch: int,
     rng_state: Mapping,
     extra: Mapping | None = None,
+    ema_state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Save everything needed to resume training, atomically, loadable with ``weights_only=True``.
 
@@ -270,6 +271,8 @@ def save_training_state(
         step: optimizer steps taken so far; epoch: epochs completed so far.
         rng_state: from :func:`capture_rng_state`.
         extra: free-form extras (best metric so far, config, ...).
+        ema_state: the ``state_dict()`` of the weight EMA (``train.ema``), stored as
+            ``"ema_state"``; None: not stored.
     """
     payload = {
         "format": TRAINING_STATE_FORMAT,
@@ -282,6 +285,8 @@ def save_training_state(
         "rng_state": _sanitise(rng_state, "rng_state", drop_callables=False),
         "extra": _sanitise(extra or {}, "extra", drop_callables=False),
     }
+    if ema_state is not None:
+        payload["ema_state"] = _sanitise(ema_state, "ema_state", drop_callables=False)
     atomic_save(lambda handle: torch.save(payload, handle), path)
 
 
@@ -333,7 +338,8 @@ def load_training_state(path: str | os.PathLike) -> dict:
 
     Returns:
         ``{"format", "model_state", "optimizer_state", "scheduler_state", "scaler_state", "step",
-        "epoch", "rng_state", "extra"}`` (the keyword names of :func:`save_training_state`).
+        "epoch", "rng_state", "extra"}`` (the keyword names of :func:`save_training_state`), and
+        ``"ema_state"`` when one was saved.
 
     Raises:
         InputError: the file is missing, truncated, corrupt, holds objects that cannot be loaded

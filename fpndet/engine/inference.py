@@ -48,9 +48,16 @@ def run_inference(
     score_thresh: Optional[float] = None,
     proposals=None,
     skip_unreadable: bool = False,
-) -> tuple[list[Optional[dict[str, torch.Tensor]]], list[Optional[dict[str, torch.Tensor]]]]:
+    with_losses: bool = False,
+):
     """Detections (on the CPU, in original-image pixels) and ground truths for every image, in
     dataset order. The dataset's own transforms are replaced by the evaluation transforms.
+
+    Returns ``(detections, ground_truths)``; with ``with_losses`` a third item, the validation
+    losses ``{"loss", "loss_cls", ...}`` (floats, the mean over images of each loss the model
+    returns in training, with the same targets) computed in the same forward pass as the
+    detections (the models return :class:`~fpndet.modeling.retinanet.LossesAndDetections` in
+    eval mode when given targets).
 
     ``score_thresh``: the post-processor's score threshold for this run only (the model's own
     is restored afterwards); None keeps the model's. Detections keep the model's labels.
@@ -73,6 +80,7 @@ def run_inference(
     was_training = model.training
     model.eval()
     detections, ground_truths = [], []
+    loss_sums: dict[str, float] = {}
     try:
         iterator = loader
         if progress:
@@ -83,8 +91,14 @@ def run_inference(
             outputs = []
             if images:
                 given = {} if proposals is None else {"proposals": [proposals.get(t["image_id"]) for t in targets]}
+                if with_losses:
+                    given["targets"] = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                                        for t in targets]
                 with autocast_context(device, amp):
                     outputs = model([img.to(device, non_blocking=True) for img in images], **given)
+                if with_losses:
+                    _add_losses(loss_sums, outputs.losses, len(images))
+                    outputs = outputs.detections
             found = iter({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs)
             truths = iter(targets)
             for position in range(len(images) + len(unreadable)):
@@ -100,7 +114,18 @@ def run_inference(
         dataset.transforms = previous
         apply_inference_overrides(model, **restore)
         model.train(was_training)
-    return detections, ground_truths
+    if not with_losses:
+        return detections, ground_truths
+    count = sum(found is not None for found in detections)
+    return detections, ground_truths, {k: v / max(count, 1) for k, v in loss_sums.items()}
+
+
+def _add_losses(sums: dict[str, float], losses: dict[str, torch.Tensor], num_images: int) -> None:
+    """Accumulate a batch's mean losses (and their total, ``loss``) weighted by its image count."""
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    values["loss"] = sum(values.values())
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0.0) + value * num_images
 
 
 class _ReadableOrNone(torch.utils.data.Dataset):

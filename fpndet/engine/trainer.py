@@ -38,7 +38,7 @@ from .distributed import (
     DistInfo, all_ranks_true, all_reduce_mean, barrier, cleanup, gather_objects, init_distributed, peer_failure,
 )
 from .inference import autocast_context, drop_unreadable, evaluate_detections, evaluate_proposals, run_inference
-from .sampling import ResumableSampler, SeededAugmentation
+from .sampling import ResumableSampler, SeededAugmentation, aspect_ratio_groups
 from .schedule import build_optimizer, build_scheduler, milestones_from, scaled_lr
 
 
@@ -51,6 +51,7 @@ class Progress:
     best_ap: float = -1.0
     history: list = field(default_factory=list)
     skipped_images: int = 0  # training samples that failed to decode (another image served instead)
+    stop_reason: Optional[str] = None  # set when early stopping ended the run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,8 +153,9 @@ def make_train_loader(dataset, cfg: DictConfig, info: DistInfo, proposals: Optio
     if proposals is not None:
         source = WithProposals(source, proposals)
     augmented = SeededAugmentation(source, transforms, seed=cfg.train.seed)
+    groups = aspect_ratio_groups(dataset) if data.group_aspect_ratio else None
     sampler = ResumableSampler(num_items=len(dataset), batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                               rank=info.rank, world_size=info.world_size)
+                               rank=info.rank, world_size=info.world_size, groups=groups)
     if sampler.batches_per_epoch() == 0:
         raise InputError(data.train, f"{len(dataset)} images are fewer than one batch of {cfg.train.batch_size}")
     loader = DataLoader(augmented, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=data.num_workers,
@@ -164,6 +166,21 @@ def make_train_loader(dataset, cfg: DictConfig, info: DistInfo, proposals: Optio
 
 def _worker_threads(_: int) -> None:
     torch.set_num_threads(1)
+
+
+def build_ema(model: torch.nn.Module, cfg: DictConfig):
+    """timm's ``ModelEmaV3`` of ``model`` with decay warm-up: at step t the decay is
+    ``min(train.ema_decay, 1 - (1 + t) ** -train.ema_warmup_power)`` (0.981 after 200 steps,
+    0.9968 after 2000 at power 0.75), so short fine-tuning runs average over their last tens
+    of steps and long runs approach ``ema_decay``. Parameters and buffers are averaged (integer
+    buffers copied)."""
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True, warmup_power=cfg.train.ema_warmup_power)
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 class Trainer:
@@ -207,6 +224,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and self.device.type == "cuda")
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.info.enabled else self.model)
+        self.ema = build_ema(self.model, cfg) if cfg.train.ema else None
         self.progress = Progress()
         if self.info.is_main and self.out.is_dir():
             ckpt.remove_stale_temporaries(self.out)  # of a process killed while writing a checkpoint
@@ -233,7 +251,12 @@ class Trainer:
         extra = state.get("extra", {})
         self.progress = Progress(step=int(state["step"]), epoch=int(state["epoch"]),
                                  best_ap=float(extra.get("best_ap", -1.0)), history=list(extra.get("history", [])),
-                                 skipped_images=int(extra.get("skipped_images", 0)))
+                                 skipped_images=int(extra.get("skipped_images", 0)),
+                                 stop_reason=extra.get("stop_reason"))
+        if self.ema is not None:
+            if "ema_state" not in state:
+                raise InputError(path, "this run was trained without train.ema; resume it with train.ema=false")
+            self.ema.module.load_state_dict(state["ema_state"])
         per_rank = extra.get("rng_state_per_rank")
         same_world = isinstance(per_rank, list) and len(per_rank) == self.info.world_size
         ckpt.restore_rng_state(per_rank[self.info.rank] if same_world else state["rng_state"])
@@ -247,18 +270,26 @@ class Trainer:
         if not self.info.is_main:
             return
         extra = {"best_ap": self.progress.best_ap, "history": self.progress.history,
-                 "skipped_images": self.progress.skipped_images}
+                 "skipped_images": self.progress.skipped_images, "stop_reason": self.progress.stop_reason}
         if self.info.enabled:
             extra["rng_state_per_rank"] = rng_states
         self.out.mkdir(parents=True, exist_ok=True)
-        model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        model_state = _cpu_state(self.model)
+        ema_state = _cpu_state(self.ema.module) if self.ema is not None else None
         ckpt.save_training_state(
             self.out / "last.pth", model_state=model_state, optimizer_state=self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(), scaler_state=self.scaler.state_dict(),
             step=self.progress.step, epoch=self.progress.epoch, rng_state=rng_states[0], extra=extra,
+            **({"ema_state": ema_state} if ema_state is not None else {}),
         )
-        ckpt.save_model_weights(self.out / "last.safetensors", model_state, config=self.model_cfg.to_dict(),
-                                metadata={"step": self.progress.step, "class_names": self.train_set.class_names})
+        ckpt.save_model_weights(self.out / "last.safetensors", ema_state or model_state, config=self.model_cfg.to_dict(),
+                                metadata={"step": self.progress.step, "class_names": self.train_set.class_names,
+                                          "ema": self.ema is not None})
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights evaluated and saved as ``*.safetensors``: the EMA when ``train.ema``."""
+        return self.ema.module if self.ema is not None else self.model
 
     # ----------------------------------------------------------------------------- loop
     def train_step(self, images, targets) -> dict[str, float]:
@@ -280,6 +311,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.step + 1)
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
     def _report_skipped(self, problems: list[str]) -> None:
@@ -304,15 +337,24 @@ class Trainer:
         """Evaluate on the validation set: COCO metrics of the detections, or for an RPN the
         class-agnostic proposal recall (AR@100, AR@1000, ...)."""
         proposals_only = self.model_cfg.arch == "rpn"
-        detections, gts = run_inference(self.model, self.val_set, batch_size=self.cfg.eval.batch_size,
-                                        device=self.device, amp=self.cfg.train.amp, max_images=self.cfg.eval.max_images,
-                                        score_thresh=None if proposals_only else self.cfg.eval.score_thresh,
-                                        proposals=self.val_proposals, skip_unreadable=True)
+        # The losses of a two-stage model sample anchors and RoIs: from a fixed seed, without
+        # touching the training's random state.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.train.seed)
+            found = run_inference(self.eval_model, self.val_set, batch_size=self.cfg.eval.batch_size,
+                                  device=self.device, amp=self.cfg.train.amp, max_images=self.cfg.eval.max_images,
+                                  score_thresh=None if proposals_only else self.cfg.eval.score_thresh,
+                                  proposals=self.val_proposals, skip_unreadable=True, with_losses=self.cfg.eval.loss)
+        detections, gts = found[:2]
         val_set, detections, gts = drop_unreadable(self.val_set, detections, gts)
         if proposals_only:
-            return evaluate_proposals(val_set, detections, out_dir=self.out / tag)
-        return evaluate_detections(val_set, detections, gts, out_dir=self.out / tag,
-                                   model_class_names=self.train_set.class_names)
+            report = evaluate_proposals(val_set, detections, out_dir=self.out / tag)
+        else:
+            report = evaluate_detections(val_set, detections, gts, out_dir=self.out / tag,
+                                         model_class_names=self.train_set.class_names)
+        if self.cfg.eval.loss:
+            report["val_losses"] = {f"val_{k}": v for k, v in found[2].items()}
+        return report
 
     def fit(self) -> dict:
         cfg, info = self.cfg, self.info
@@ -322,8 +364,10 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
         bar = _progress_bar(self.total_steps, self.progress.step, enabled=info.is_main)
         last_eval: dict = {}
+        if self.progress.stop_reason and info.is_main:
+            print(f"this run already stopped early: {self.progress.stop_reason}")
         try:
-            while self.progress.step < self.total_steps:
+            while self.progress.step < self.total_steps and not self.progress.stop_reason:
                 epoch = self.progress.step // self.steps_per_epoch
                 start_batch = self.progress.step % self.steps_per_epoch
                 self.progress.epoch = epoch
@@ -355,6 +399,7 @@ class Trainer:
                     finished_epochs = -(-self.progress.step // self.steps_per_epoch)
                     if (finished_epochs % cfg.train.eval_every_epochs == 0 or self.progress.step >= self.total_steps):
                         last_eval = self._evaluate_and_keep_best(logger, finished_epochs)
+                        self._check_patience(logger, finished_epochs)
                     self.save_checkpoint()
                     barrier(info)
         except RuntimeError as error:
@@ -378,18 +423,49 @@ class Trainer:
             return {}
         report = self.evaluate()
         metrics = report["metrics"]
-        logger.log({"step": self.progress.step, "epoch": epoch, **{k: v for k, v in metrics.items()}})
+        val_losses = report.get("val_losses", {})
+        logger.log({"step": self.progress.step, "epoch": epoch, **metrics, **val_losses})
         key, second = ("AR1000", "AR100") if self.model_cfg.arch == "rpn" else ("AP", "AP50")
-        print(f"\nepoch {epoch} step {self.progress.step}: {key} {metrics[key]:.4f}  {second} {metrics[second]:.4f}",
-              flush=True)
-        self.progress.history.append({"step": self.progress.step, key: metrics[key], second: metrics[second]})
+        loss_text = f"  val loss {val_losses['val_loss']:.4f}" if "val_loss" in val_losses else ""
+        print(f"\nepoch {epoch} step {self.progress.step}: {key} {metrics[key]:.4f}  {second} {metrics[second]:.4f}"
+              f"{loss_text}", flush=True)
+        self.progress.history.append({"step": self.progress.step, key: metrics[key], second: metrics[second],
+                                      **val_losses})
         if metrics[key] > self.progress.best_ap:  # the best AP (AR@1000 for an RPN) so far
             self.progress.best_ap = metrics[key]
-            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            ckpt.save_model_weights(self.out / "best.safetensors", state, config=self.model_cfg.to_dict(),
+            ckpt.save_model_weights(self.out / "best.safetensors", _cpu_state(self.eval_model),
+                                    config=self.model_cfg.to_dict(),
                                     metadata={"step": self.progress.step, key: metrics[key],
-                                              "class_names": self.train_set.class_names})
+                                              "class_names": self.train_set.class_names, "ema": self.ema is not None})
         return report
+
+    def _check_patience(self, logger: "MetricLogger", epoch: int) -> None:
+        """Early stopping (``train.patience``): decided on rank 0 from the evaluation history,
+        shared with every process; the reason is printed, logged and kept in the checkpoint."""
+        patience = self.cfg.train.patience
+        if not patience:
+            return
+        reason = stale_evaluations_reason(self.progress.history, patience) if self.info.is_main else None
+        if all_ranks_true(reason is None, self.info):
+            return
+        self.progress.stop_reason = reason or "early stopping on rank 0"
+        if self.info.is_main:
+            print(f"\nstopping early at epoch {epoch}: {reason}", flush=True)
+            logger.log({"step": self.progress.step, "epoch": epoch, "stopped": reason})
+
+
+def stale_evaluations_reason(history: list[dict], patience: int) -> Optional[str]:
+    """Why to stop, or None: the last ``patience`` evaluations of ``history`` (records with the
+    metric under "AP", or "AR1000" for an RPN) brought no new best value. The first evaluation
+    always counts as an improvement."""
+    key = "AR1000" if history and "AR1000" in history[0] else "AP"
+    values = [record[key] for record in history]
+    best_at = max(range(len(values)), key=lambda i: (values[i], -i)) if values else 0
+    stale = len(values) - 1 - best_at
+    if stale < patience:
+        return None
+    return (f"{key} has not improved for {stale} evaluations (train.patience={patience}); best {values[best_at]:.4f} "
+            f"at step {history[best_at]['step']}")
 
 
 def _progress_bar(total: int, initial: int, *, enabled: bool):
