@@ -55,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--score-thresh", type=float, default=None,
                     help="override the model's score threshold (default: the model's own, 0.05 for fpndet and "
                          "torchvision models; COCO AP wants a low threshold)")
+    ev.add_argument("--diagnostics-thresh", type=float, default=0.3, metavar="SCORE",
+                    help="score threshold of the confusion matrix and of the worst false positives / misses "
+                         "pictures written with the metrics (default 0.3, as predict; COCO AP uses every detection)")
+    ev.add_argument("--no-diagnostics", action="store_true",
+                    help="write metrics only: no confusion matrix, per-class PR curves, per-size AP table or pictures")
     _add_backend(ev, default=None)
+    _add_tiling(ev)
     _add_common(ev)
 
     pr = sub.add_parser("predict", help="detect objects in images")
@@ -69,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true", help="skip images whose JSON is already in --output")
     pr.add_argument("--strict", action="store_true", help="exit with status 2 when an image had to be skipped")
     _add_backend(pr, default="auto")
+    _add_tiling(pr)
     _add_common(pr)
 
     prop = sub.add_parser("proposals", help="write an RPN's proposals for a dataset to a file (for model.arch=fast_rcnn)",
@@ -92,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--config", default=None, help="config whose model.* anchors and sizes to check (default: the paper's)")
     ins.add_argument("--output", default="inspect", help="folder for report.json and the PNG figures")
     ins.add_argument("--samples", type=int, default=8, help="sample images drawn with their boxes and matched anchors")
+    ins.add_argument("--suggest-anchors", action="store_true",
+                     help="fit anchor sizes (one factor on all levels) and ratios to the boxes, maximising the boxes "
+                          "with a foreground anchor, then their mean best IoU; print coverage before/after and the "
+                          "override (model.anchor_sizes=auto / model.anchor_ratios=auto fit just those fields)")
+    ins.add_argument("--num-ratios", type=int, default=None,
+                     help="with --suggest-anchors: ratios per location (default: as many as the config's)")
     ins.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE (model.anchor_sizes=[16,32,64,128,256])")
     _add_common(ins)
 
@@ -139,6 +152,37 @@ def _add_backend(parser: argparse.ArgumentParser, *, default: Optional[str]) -> 
                              "checkpoints); PyTorch weights on an ONNX backend are exported once next to them")
 
 
+def _add_tiling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tile", type=int, default=None, metavar="SIZE",
+                        help="tiled inference for large images with small objects: run the model on overlapping "
+                             "SIZE x SIZE px tiles (each resized by the model as any image: SIZE = the model's "
+                             "min_size keeps the image's scale) and merge with class-wise NMS; --batch-size "
+                             "tiles per model call")
+    parser.add_argument("--tile-overlap", type=float, default=0.2, metavar="F",
+                        help="fraction of a tile shared with its neighbour (default 0.2); objects up to about "
+                             "F x SIZE are seen whole in some tile")
+    parser.add_argument("--tile-full-image", action="store_true",
+                        help="with --tile, also run the model on each whole image (objects larger than a tile)")
+
+
+def _tiled(model, args):
+    """``model`` run on tiles when ``--tile`` is given (:class:`fpndet.engine.tiling.TiledDetector`)."""
+    from .errors import InputError
+
+    if args.tile is None:
+        if args.tile_full_image:
+            raise InputError(None, "--tile-full-image needs --tile SIZE")
+        return model
+    from .engine.model_io import weights_file
+    from .engine.tiling import TiledDetector
+
+    if model.config.arch in ("rpn", "fast_rcnn"):
+        raise InputError(weights_file(args.weights), f"is a {model.config.arch} model; --tile runs detectors "
+                         "(retinanet, faster_rcnn)")
+    return TiledDetector(model, args.tile, overlap=args.tile_overlap, full_image=args.tile_full_image,
+                         batch_size=args.batch_size)
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .engine.trainer import train
@@ -179,9 +223,14 @@ def cmd_eval(args) -> int:
     from .engine.model_io import weights_file
     from .engine.trainer import resolve_device
 
+    if not 0.0 <= args.diagnostics_thresh <= 1.0:
+        from .errors import InputError
+
+        raise InputError(None, f"--diagnostics-thresh {args.diagnostics_thresh:g}: expected a score in [0, 1]")
     device = resolve_device(args.device)
     model, class_names, backend = open_detector(args.weights, backend=args.backend, device=device,
                                                 overrides={"score_thresh": args.score_thresh}, named_only=True)
+    model = _tiled(model, args)
     dataset = open_dataset(args.data, split=args.split, format=args.format)
     proposals = given_proposals(args.proposals, model, weights_file(args.weights), dataset, args.max_images)
     proposals_only = model.config.arch == "rpn"
@@ -202,11 +251,20 @@ def cmd_eval(args) -> int:
         print(format_metrics_table(report["metrics"], title="RPN proposal recall (class-agnostic)"))
     else:
         report = evaluate_detections(dataset, detections, gts, out_dir=out, model_class_names=class_names,
-                                     model_source=weights_file(args.weights))
+                                     model_source=weights_file(args.weights), diagnostics=not args.no_diagnostics,
+                                     diagnostics_thresh=args.diagnostics_thresh)
         print(format_metrics_table(report["metrics"]))
         print(format_per_class_table(report["per_class_ap"], report["per_class_ap50"]))
+        if "diagnostics" in report:
+            from .engine.diagnostics import format_confusion_matrix
+
+            print(format_confusion_matrix(report["diagnostics"]["confusion"], dataset.class_names))
+            print(f"diagnostics in {report['diagnostics']['seconds']:.1f} s: confusion_matrix.csv/.png, "
+                  "pr_curves_per_class.png, per_class_size_ap.csv, worst_false_positives.png, worst_misses.png, "
+                  "diagnostics.json")
+    tiling = f", tiles of {args.tile} px" if args.tile else ""
     print(f"{len(detections)} images in {seconds:.1f} s ({1000 * seconds / max(1, len(detections)):.0f} ms/image, "
-          f"backend {backend}); results in {out}")
+          f"backend {backend}{tiling}); results in {out}")
     return 0
 
 
@@ -275,6 +333,7 @@ def cmd_predict(args) -> int:
         raise InputError(weights_file(args.weights), "is a Fast R-CNN model (model.arch=fast_rcnn), which runs on "
                          "fixed proposals of a dataset: use `fpndet eval --proposals FILE`, or predict with an "
                          "rpn + Fast R-CNN model (model.arch=faster_rcnn)")
+    model = _tiled(model, args)
     done = predict_images(model, class_names, images, Path(args.output), batch_size=args.batch_size,
                           draw=not args.no_draw, workers=args.workers, resume=args.resume, progress=True)
     total = sum(len(r["detections"]) for r in done.predicted)
@@ -290,14 +349,26 @@ def cmd_predict(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .config import load_config, model_config
+    from .config import AUTO_ANCHOR_FIELDS, auto_anchor_fields, load_config, model_config
     from .data.detect import open_dataset
+    from .engine.anchor_fit import format_anchor_fit
     from .engine.inspect import inspect_dataset
 
     cfg = load_config(args.config, list(args.overrides))
     dataset = open_dataset(args.data, split=args.split, format=args.format)
-    report = inspect_dataset(dataset, model_config(cfg), Path(args.output), samples=args.samples)
+    auto = auto_anchor_fields(cfg)  # fitted from the paper's anchors, and inspected as fitted
+    fields = AUTO_ANCHOR_FIELDS if args.suggest_anchors else auto
+    if args.num_ratios is not None and ("anchor_ratios" not in fields or args.num_ratios < 1):
+        from .errors import InputError
+
+        raise InputError(None, f"--num-ratios {args.num_ratios}: give a count >= 1, with --suggest-anchors "
+                         "(or model.anchor_ratios=auto)")
+    report = inspect_dataset(dataset, model_config(cfg, reference_anchors=True), Path(args.output),
+                             samples=args.samples, suggest_anchors=fields, num_ratios=args.num_ratios,
+                             apply_fit=bool(auto))
     print(json.dumps(report["summary"], indent=2))
+    if "anchor_fit" in report:
+        print(format_anchor_fit(report["anchor_fit"], start_label="paper" if auto else "before"))
     print(f"report and figures in {args.output}/")
     return 0
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import InputError
@@ -107,6 +107,10 @@ class EvalConfig:
     score_thresh: Optional[float] = 0.05
     max_images: Optional[int] = None
     loss: bool = True  # also compute the validation loss (same pass as the detections) and log it
+    # eval/ diagnostics (confusion matrix, per-class PR curves and size table, worst errors) at
+    # this score threshold; false: none written.
+    diagnostics: bool = True
+    diagnostics_thresh: float = 0.3
 
 
 @dataclass
@@ -151,12 +155,15 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
         merged = schema
         for layer in layers:
             _reject_removed_keys(layer, source)
+            auto = _pop_auto_anchors(layer)
             layer = _apply_model_preset(layer)
             merged = OmegaConf.merge(merged, layer)
+            for key in auto:  # the marker: a missing value (merging "???" would keep the old one)
+                merged.model[key] = MISSING
     except OmegaConfBaseException as err:
         raise InputError(source, f"invalid config: {err}".splitlines()[0]) from None
     try:
-        ModelConfig.from_dict(OmegaConf.to_container(merged.model))
+        model_config(merged, reference_anchors=True)
     except ValueError as err:
         raise InputError(source, str(err)) from None
     return merged
@@ -195,8 +202,67 @@ def _apply_model_preset(layer: DictConfig) -> DictConfig:
     return layer
 
 
-def model_config(cfg: DictConfig) -> ModelConfig:
-    return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+# ``model.anchor_sizes=auto`` / ``model.anchor_ratios=auto`` (on the command line or in a YAML):
+# fitted to the training boxes when training starts (fpndet.engine.anchor_fit.resolve_auto_anchors),
+# which writes the numbers into the config, hence into the run's config.yaml. Until then the field
+# is missing ("???" in OmegaConf), so nothing can build a model from it by mistake.
+AUTO = "auto"
+AUTO_ANCHOR_FIELDS = ("anchor_sizes", "anchor_ratios")
+
+
+def _pop_auto_anchors(layer: Any) -> list[str]:
+    """Remove the ``auto`` anchor fields from a config layer; returns their names."""
+    model = layer.get("model") if isinstance(layer, DictConfig) else None
+    if not isinstance(model, DictConfig):
+        return []
+    auto = [key for key in AUTO_ANCHOR_FIELDS
+            if key in model and isinstance(model[key], str) and model[key].strip().lower() == AUTO]
+    for key in auto:
+        model.pop(key)
+    return auto
+
+
+def auto_anchor_fields(cfg: DictConfig) -> list[str]:
+    """The fields of ``cfg.model`` still ``auto`` (of ``anchor_sizes``, ``anchor_ratios``)."""
+    return [key for key in AUTO_ANCHOR_FIELDS if OmegaConf.is_missing(cfg.model, key)]
+
+
+def set_fitted_anchors(cfg: DictConfig, *, anchor_sizes: Optional[Sequence[float]] = None,
+                       anchor_ratios: Optional[Sequence[float]] = None) -> None:
+    """Write fitted anchor numbers into ``cfg.model`` (in place), replacing ``auto``."""
+    if anchor_sizes is not None:
+        cfg.model.anchor_sizes = [float(v) for v in anchor_sizes]
+    if anchor_ratios is not None:
+        cfg.model.anchor_ratios = [float(v) for v in anchor_ratios]
+
+
+def reference_anchor_values(cfg: DictConfig) -> dict[str, list[float]]:
+    """What the ``auto`` fields of ``cfg.model`` start from: the paper's anchors, sizes
+    32 * 2^(l-3) on levels min_level..max_level, ratios 1/2, 1, 2."""
+    from .modeling.anchors import default_anchor_sizes
+
+    values = {"anchor_sizes": default_anchor_sizes(cfg.model.min_level, cfg.model.max_level),
+              "anchor_ratios": [0.5, 1.0, 2.0]}
+    return {key: values[key] for key in auto_anchor_fields(cfg)}
+
+
+def model_config(cfg: DictConfig, *, reference_anchors: bool = False) -> ModelConfig:
+    """The :class:`ModelConfig` of ``cfg.model``.
+
+    Fields still ``auto`` take the paper's anchors with ``reference_anchors=True``
+    (:func:`reference_anchor_values`); otherwise they raise :class:`InputError` (they are
+    fitted by ``fpndet train`` before the model is built, or printed by ``fpndet inspect
+    --suggest-anchors``).
+    """
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    auto = auto_anchor_fields(cfg)
+    if auto and not reference_anchors:
+        raise InputError(None, " and ".join(f"model.{key}=auto" for key in auto) + " is fitted to the training "
+                         "boxes when `fpndet train` starts; here give numbers (`fpndet inspect --data ... "
+                         "--suggest-anchors` prints them)")
+    if auto:
+        values.update(reference_anchor_values(cfg))
+    return ModelConfig.from_dict(values)
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

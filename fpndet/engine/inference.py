@@ -14,6 +14,8 @@ from ..data.checks import KeptImages
 from ..data.loaders import collate_detection
 from ..data.transforms import build_eval_transforms
 from ..errors import InputError, InputWarning
+from .diagnostics import DEFAULT_SCORE_THRESH as DEFAULT_DIAGNOSTICS_THRESH
+from .diagnostics import remove_diagnostics, write_diagnostics
 from .evaluation import (
     CocoEvaluator,
     detections_to_coco_results,
@@ -198,7 +200,8 @@ def evaluate_proposals(dataset, proposals, *, out_dir: Optional[Path] = None) ->
 
 
 def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional[Path] = None,
-                        model_class_names=None, model_source=None) -> dict:
+                        model_class_names=None, model_source=None, diagnostics: bool = True,
+                        diagnostics_thresh: float = DEFAULT_DIAGNOSTICS_THRESH) -> dict:
     """COCO metrics (pycocotools) for ``detections``; VOC mAP@0.5 too for VOC datasets.
 
     Args:
@@ -212,10 +215,17 @@ def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional
             detections of classes the dataset lacks are dropped.
         model_source: the model's file, named in errors.
         out_dir: if given, receives ``detections.json`` (COCO results format, the dataset's
-            category ids), ``metrics.json``, ``per_class_ap.txt`` and ``pr_curve.png``.
+            category ids), ``metrics.json``, ``per_class_ap.txt`` and ``pr_curve.png``, and with
+            ``diagnostics`` the files of :func:`~fpndet.engine.diagnostics.write_diagnostics`
+            (confusion matrix, per-class PR curves, per-class AP by size, worst false positives
+            and misses, ``diagnostics.json``).
+        diagnostics: write the diagnostics (with ``out_dir``); False removes earlier ones there.
+        diagnostics_thresh: score threshold of the confusion matrix and the pictures (default
+            0.3, ``fpndet predict``'s threshold); the COCO metrics use every detection.
 
     Returns:
-        ``{"metrics": {...}, "per_class_ap": {...}, ...}`` (see :meth:`CocoEvaluator.evaluate`).
+        ``{"metrics": {...}, "per_class_ap": {...}, ...}`` (see :meth:`CocoEvaluator.evaluate`),
+        with ``"diagnostics"`` (:func:`~fpndet.engine.diagnostics.write_diagnostics`) when written.
 
     Raises:
         InputError(model_source, ...): the model's classes do not cover the dataset's.
@@ -242,4 +252,10 @@ def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional
 
         if report.get("precision") is not None:
             plot_precision_recall(report["precision"], dataset.class_names, out_dir / "pr_curve.png")
+        if diagnostics:
+            report["diagnostics"] = write_diagnostics(dataset, detections, ground_truths, out_dir,
+                                                      precision=report.get("precision"), coco_gt=coco_gt,
+                                                      score_thresh=diagnostics_thresh)
+        else:
+            remove_diagnostics(out_dir)
     return report

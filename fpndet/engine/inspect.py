@@ -33,7 +33,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -338,7 +338,9 @@ def roi_level_counts(table: _BoxTable, config: ModelConfig) -> dict[str, int]:
     return {f"P{config.min_level + i}": int(n) for i, n in enumerate(counts)}
 
 
-def inspect_dataset(dataset, model_cfg: ModelConfig, out_dir: Path, *, samples: int = 8) -> dict:
+def inspect_dataset(dataset, model_cfg: ModelConfig, out_dir: Path, *, samples: int = 8,
+                    suggest_anchors: Sequence[str] = (), num_ratios: Optional[int] = None,
+                    apply_fit: bool = False) -> dict:
     """Class counts, box sizes and anchor coverage of ``dataset`` under ``model_cfg``'s anchors.
 
     Definitions are in the module doc. Box sizes are ``sqrt(w * h)`` in network-input pixels
@@ -354,6 +356,11 @@ def inspect_dataset(dataset, model_cfg: ModelConfig, out_dir: Path, *, samples: 
         samples: number of images drawn with their boxes (coloured, named) and the anchors
             matched to them (white, 1 px) in network-input pixels scaled to at most 512 px; the
             images holding the worst-covered boxes come first (up to half), then evenly spaced.
+        suggest_anchors: the anchor fields to fit to the boxes (``"anchor_sizes"``,
+            ``"anchor_ratios"``; :func:`fpndet.engine.anchor_fit.fit_anchors` from
+            ``model_cfg``'s anchors); the fit goes into the report as ``"anchor_fit"``.
+        num_ratios: ratios per location of the fit (default: as many as ``model_cfg``'s).
+        apply_fit: inspect the fitted anchors instead of ``model_cfg``'s (for ``auto`` fields).
 
     Returns:
         ``{"summary": {images, boxes (non-crowd), crowd, classes (name -> non-crowd count),
@@ -363,8 +370,10 @@ def inspect_dataset(dataset, model_cfg: ModelConfig, out_dir: Path, *, samples: 
         uncovered (count), roi_levels (two-stage archs: boxes per RoI pooling level, P2..P5)},
         "crowd_per_class", "coverage_by_size", "box_size_quantiles",
         "aspect_ratio_quantiles", "size_buckets", "uncovered_boxes" (the 20 worst: file, box in
-        original pixels, size, best_iou, best_level, best_anchor), "model", "files"}``, also
-        written to ``report.json``.
+        original pixels, size, best_iou, best_level, best_anchor), "model", "files"}`` and, with
+        ``suggest_anchors``, "anchor_fit" (:meth:`fpndet.engine.anchor_fit.AnchorFit.to_dict`:
+        the fitted numbers, the override, coverage before and after), also written to
+        ``report.json``.
 
     Raises:
         InputError: from the dataset (unreadable annotation or sample image).
@@ -373,6 +382,14 @@ def inspect_dataset(dataset, model_cfg: ModelConfig, out_dir: Path, *, samples: 
     out_dir.mkdir(parents=True, exist_ok=True)
     records = _records(dataset)
     class_names = list(getattr(dataset, "class_names", []))
+    fit = None
+    if suggest_anchors:
+        from .anchor_fit import fit_anchors  # it builds on this module
+
+        fit = fit_anchors(records, model_cfg, fit_sizes="anchor_sizes" in suggest_anchors,
+                          fit_ratios="anchor_ratios" in suggest_anchors, num_ratios=num_ratios)
+        if apply_fit:
+            model_cfg = fit.config
     table = _measure(records, model_cfg)
     covered = table.best_iou >= model_cfg.anchor_stage.foreground_iou
     num_boxes = len(table.best_iou)
@@ -410,6 +427,8 @@ def inspect_dataset(dataset, model_cfg: ModelConfig, out_dir: Path, *, samples: 
         },
         "files": {"report": "report.json", "box_sizes": "box_sizes.png"},
     }
+    if fit is not None:
+        report["anchor_fit"] = fit.to_dict()
     plot_box_statistics(table, model_cfg, out_dir / "box_sizes.png")
     if samples > 0 and len(records) > 0:
         draw_samples(dataset, records, table, model_cfg, out_dir / "samples.png", count=samples,

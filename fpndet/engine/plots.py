@@ -84,7 +84,8 @@ def plot_training_curves(jsonl_path: str | os.PathLike, out_png: str | os.PathLi
 
     Training lines look like ``{"step": int, "loss": float, "loss_cls": ..., "loss_box": ...,
     "lr": float}`` (every key starting with ``loss`` is plotted); evaluation lines hold ``"AP"``,
-    ``"AP50"``, ``"AP75"``, ``"mAP50"`` or an RPN's ``"AR100"`` / ``"AR1000"`` with a ``"step"`` (preferred) or ``"epoch"`` x value.
+    ``"AP50"``, ``"AP75"``, ``"mAP50"`` or an RPN's ``"AR100"`` / ``"AR1000"`` with a ``"step"`` (preferred) or ``"epoch"`` x value,
+    and the validation loss ``"val_loss"`` (drawn dashed on the loss panel).
     The PNG (1500 x 450 px) has three panels: losses (log scale when all positive), learning rate,
     and AP in percent. Panels without data say so.
 
@@ -103,9 +104,12 @@ def plot_training_curves(jsonl_path: str | os.PathLike, out_png: str | os.PathLi
         steps, values = _series(train, "step", key)
         if steps:
             loss_axes.plot(steps, values, label=key, linewidth=1.5 if key == "loss" else 1.0)
+    val_steps, val_values = _series(evals, "step", "val_loss")
+    if val_steps:  # the validation loss of each evaluation (trainer, eval.loss)
+        loss_axes.plot(val_steps, val_values, label="val_loss", linestyle="--", marker="o", markersize=3, color="black")
     if loss_keys and all(v > 0 for r in train for k, v in r.items() if k in loss_keys and _is_number(v)):
         loss_axes.set_yscale("log")
-    _finish_axes(loss_axes, "training loss", "step", has_data=bool(loss_keys))
+    _finish_axes(loss_axes, "training and validation loss", "step", has_data=bool(loss_keys))
 
     steps, values = _series(train, "step", "lr")
     if steps:
@@ -204,6 +208,152 @@ def plot_precision_recall(
         axes.set(title=title, xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
         axes.grid(True, alpha=0.3)
     figure.tight_layout()
+    _save_figure(figure, out_png)
+
+
+def plot_precision_recall_per_class(
+    precision: np.ndarray,
+    class_names: Sequence[str],
+    out_png: str | os.PathLike,
+    *,
+    operating_points: Mapping[str, tuple[float, float]] | None = None,
+    operating_label: str = "operating point",
+) -> None:
+    """One small panel per class: COCO precision-recall at IoU 0.50, 0.75 and the mean over
+    0.50:0.95 (area "all", maxDets 100), titled with the class's AP50 and AP.
+
+    The panels are drawn into one matplotlib axes (one line collection per curve kind), which
+    keeps 80 classes well under a second; recall 0..1 runs along each panel, precision 0..1 up.
+
+    Args:
+        precision: ``COCOeval.eval["precision"]`` [T=10, R, K, A, M] (COCO's IoU thresholds).
+        class_names: K names.
+        out_png: destination; ``ceil(sqrt(K))`` panels a row, 230 x 200 px each (larger for up
+            to 4 classes).
+        operating_points: optional ``{class: (recall, precision)}`` drawn as a red dot (e.g. the
+            confusion matrix's, at its score threshold); negative values are not drawn.
+        operating_label: the dot's legend entry.
+
+    Raises:
+        ValueError: the shape and ``class_names`` disagree.
+    """
+    from matplotlib.collections import LineCollection
+
+    precision = np.asarray(precision, dtype=np.float64)
+    if precision.ndim != 5 or precision.shape[2] != len(class_names) or precision.shape[0] != 10:
+        raise ValueError(f"precision of shape {precision.shape} does not match {len(class_names)} class names")
+    curves = _masked(precision[:, :, :, 0, -1])  # [T, R, K]
+    mean = _mean_over_iou(curves)  # [R, K]
+    recall = np.linspace(0.0, 1.0, precision.shape[1])
+    count = len(class_names)
+    columns = max(1, math.ceil(math.sqrt(count)))
+    rows = max(1, math.ceil(count / columns))
+    panel_w, panel_h = 0.8, 0.68  # of a 1 x 1 cell; the rest holds the title and the tick labels
+    kinds = {"IoU 0.50": ("tab:blue", 1.2, []), "IoU 0.75": ("tab:orange", 0.9, []),
+             "IoU 0.50:0.95": ("black", 1.2, [])}
+    frames, grid, points = [], [], []
+    cell_w, cell_h = {1: (4.6, 3.6), 2: (3.4, 2.8)}.get(columns, (2.3, 2.0))  # inches
+    legend_columns = 4 if cell_w * columns >= 7 else 2
+    legend_h = 0.5 if legend_columns == 4 else 0.75
+    figure = Figure(figsize=(cell_w * columns, cell_h * rows + legend_h))
+    axes = figure.add_axes((0.0, legend_h / (cell_h * rows + legend_h), 1.0, cell_h * rows / (cell_h * rows + legend_h)))
+    axes.set_axis_off()
+    font = "small" if count <= 16 else "x-small"
+    for k, name in enumerate(map(str, class_names)):
+        row, column = divmod(k, columns)
+        x0, y0 = column + 0.15, rows - 1 - row + 0.12
+        frames.append([(x0, y0), (x0 + panel_w, y0), (x0 + panel_w, y0 + panel_h), (x0, y0 + panel_h), (x0, y0)])
+        grid += [[(x0 + panel_w * f, y0), (x0 + panel_w * f, y0 + panel_h)] for f in (0.25, 0.5, 0.75)]
+        grid += [[(x0, y0 + panel_h * f), (x0 + panel_w, y0 + panel_h * f)] for f in (0.25, 0.5, 0.75)]
+        if column == 0:
+            for f in (0.0, 0.5, 1.0):
+                axes.text(x0 - 0.02, y0 + panel_h * f, f"{f:g}", ha="right", va="center", fontsize="xx-small")
+        if row == rows - 1 or k + columns >= count:
+            for f in (0.0, 0.5, 1.0):
+                axes.text(x0 + panel_w * f, y0 - 0.02, f"{f:g}", ha="center", va="top", fontsize="xx-small")
+        at_50 = curves[0, :, k]
+        if np.isnan(at_50).all():
+            axes.text(x0 + panel_w / 2, y0 + panel_h / 2, "no ground truth", ha="center", va="center",
+                      color="gray", fontsize=font)
+            axes.text(x0, y0 + panel_h + 0.03, name, ha="left", va="bottom", fontsize=font)
+            continue
+        for (label, (_, _, lines)), values in zip(kinds.items(), (at_50, curves[5, :, k], mean[:, k])):
+            defined = ~np.isnan(values)
+            lines.append(np.column_stack([x0 + panel_w * recall[defined], y0 + panel_h * values[defined]]))
+        point = (operating_points or {}).get(name)
+        if point is not None and point[0] >= 0 and point[1] >= 0:
+            points.append((x0 + panel_w * point[0], y0 + panel_h * point[1]))
+        axes.text(x0, y0 + panel_h + 0.03, f"{name}\nAP50 {np.nanmean(at_50):.3f}  AP {np.nanmean(mean[:, k]):.3f}",
+                  ha="left", va="bottom", fontsize=font, linespacing=1.1)
+    axes.add_collection(LineCollection(grid, colors=(0.85, 0.85, 0.85), linewidths=0.5))
+    axes.add_collection(LineCollection(frames, colors="gray", linewidths=0.8))
+    handles = []
+    for label, (color, width, lines) in kinds.items():
+        handles.append(axes.add_collection(LineCollection(lines, colors=color, linewidths=width, label=label)))
+    if points:
+        xs, ys = zip(*points)
+        handles.append(axes.scatter(xs, ys, s=14, color="tab:red", zorder=3, label=operating_label))
+    axes.set_xlim(0, columns)
+    axes.set_ylim(0, rows)
+    figure.legend(handles=handles, loc="lower center", ncol=legend_columns, fontsize="x-small", frameon=False,
+                  title="each panel: precision (up) against recall (across)", title_fontsize="x-small")
+    _save_figure(figure, out_png)
+
+
+def plot_confusion_matrix(
+    matrix: np.ndarray,
+    class_names: Sequence[str],
+    out_png: str | os.PathLike,
+    *,
+    title: str = "confusion matrix",
+) -> None:
+    """Draw a detection confusion matrix (rows: true class + background, columns: predicted class
+    + background; :mod:`fpndet.engine.diagnostics`) as a heat map: each cell coloured by its
+    share of its row (the row normalised: how the objects of a true class end up; for the
+    background row, which classes the false positives claim), and labelled with its count when
+    K + 1 <= 30 (zero cells blank; the counts of larger matrices are in the CSV).
+
+    Args:
+        matrix: int [K + 1, K + 1] counts.
+        class_names: K names (the last row and column are labelled "background").
+        out_png: destination (0.22 inch a class plus margins for the names, at least 3 inches).
+        title: the figure's title.
+
+    Raises:
+        ValueError: the matrix is not square of side K + 1.
+    """
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape != (len(class_names) + 1, len(class_names) + 1):
+        raise ValueError(f"matrix of shape {matrix.shape} for {len(class_names)} classes")
+    names = [*map(str, class_names), "background"]
+    counts = matrix.astype(np.float64)
+    sums = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, sums, out=np.zeros_like(counts), where=sums > 0)
+    n = len(names)
+    # Fixed margins (inches) and names as plain texts: tight_layout and n ticks cost seconds at 80 classes.
+    points = 9 if n <= 12 else (7 if n <= 30 else 6)
+    margin = 0.15 + max(len(name) for name in names) * points * 0.6 / 72
+    side = max(3.0, 0.22 * n)
+    bottom, left = margin + 0.35, margin + 0.35
+    width, height = left + side + 1.2, bottom + side + 0.5
+    figure = Figure(figsize=(width, height))
+    axes = figure.add_axes((left / width, bottom / height, side / width, side / height))
+    colorbar_axes = figure.add_axes(((left + side + 0.2) / width, bottom / height, 0.18 / width, side / height))
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(image, cax=colorbar_axes, label="share of the row")
+    axes.set_xticks([])
+    axes.set_yticks([])
+    gap = 0.15  # of a cell
+    for index, name in enumerate(names):
+        axes.text(index, n - 0.5 + gap, name, rotation=90, ha="center", va="top", fontsize=points, clip_on=False)
+        axes.text(-0.5 - gap, index, name, ha="right", va="center", fontsize=points, clip_on=False)
+    figure.text((left + side / 2) / width, 0.12 / height, "predicted class", ha="center", va="bottom")
+    figure.text(0.12 / width, (bottom + side / 2) / height, "true class", rotation=90, ha="left", va="center")
+    axes.set_title(title, fontsize="medium")
+    if n <= 30:
+        for row, col in zip(*np.nonzero(matrix)):
+            axes.text(col, row, str(int(matrix[row, col])), ha="center", va="center", fontsize=points,
+                      color="white" if shares[row, col] > 0.5 else "black")
     _save_figure(figure, out_png)
 
 
@@ -321,6 +471,35 @@ def draw_detections(
         canvas.save(buffer, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(suffix, suffix.upper()))
         atomic_write_bytes(out_path, buffer.getvalue())
     return canvas
+
+
+def caption_image(
+    image: Image.Image,
+    lines: Sequence[str],
+    *,
+    font_size: int = 11,
+    background: tuple[int, int, int] = (0, 0, 0),
+    color: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """A copy of ``image`` (RGB) with the text ``lines`` in a strip below it, one line each; a
+    line too long for the width is cut at its start (``...`` then the end, e.g. of a file path)."""
+    font = _font(font_size)
+    probe = ImageDraw.Draw(image)
+    line_h = font_size + 3
+
+    def fit(text: str) -> str:
+        if probe.textlength(text, font=font) <= image.width - 4:
+            return text
+        while text and probe.textlength("..." + text, font=font) > image.width - 4:
+            text = text[1:]
+        return "..." + text
+
+    out = Image.new("RGB", (image.width, image.height + line_h * len(lines) + 4), background)
+    out.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for number, text in enumerate(lines):
+        draw.text((2, image.height + 2 + number * line_h), fit(text), fill=color, font=font)
+    return out
 
 
 def save_image_grid(

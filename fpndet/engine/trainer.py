@@ -32,6 +32,7 @@ from ..errors import InputError, InputWarning, TrainingDiverged
 from ..modeling.build import build_model
 from ..modeling.weights import load_matching_weights
 from . import checkpoints as ckpt
+from .anchor_fit import resolve_auto_anchors
 from .model_io import read_weights
 from .proposals import ProposalFile, WithProposals
 from .distributed import (
@@ -200,6 +201,8 @@ class Trainer:
         self.train_set, self.val_set = check_dataset_images(cfg, *open_datasets(cfg), self.out,
                                                             verbose=self.info.is_main)
         self.train_proposals, self.val_proposals = open_proposal_files(cfg, self.train_set, self.val_set)
+        resolve_auto_anchors(cfg, self.train_set, verbose=self.info.is_main,
+                             saved_config=(self.out / "config.yaml") if resume else None)
         cfg.model.num_classes = self.train_set.num_classes
         self.model_cfg = model_config(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -351,7 +354,9 @@ class Trainer:
             report = evaluate_proposals(val_set, detections, out_dir=self.out / tag)
         else:
             report = evaluate_detections(val_set, detections, gts, out_dir=self.out / tag,
-                                         model_class_names=self.train_set.class_names)
+                                         model_class_names=self.train_set.class_names,
+                                         diagnostics=self.cfg.eval.diagnostics,
+                                         diagnostics_thresh=self.cfg.eval.diagnostics_thresh)
         if self.cfg.eval.loss:
             report["val_losses"] = {f"val_{k}": v for k, v in found[2].items()}
         return report

@@ -254,3 +254,13 @@ def test_best_weights_are_the_evaluated_ema(tmp_path, monkeypatch):
     best, _ = ckpt.load_model_weights(Path(tmp_path) / "best.safetensors")
     for key, value in trainer.ema.module.state_dict().items():
         assert torch.equal(evaluated[0][key], value) and torch.equal(best[key], value), key
+
+
+def test_trainer_evaluation_diagnostics_follow_the_config(tmp_path):
+    on = tiny_config(tmp_path / "on", "train.max_iters=4", "train.eval_every_epochs=1")
+    Trainer(on).fit()
+    assert (tmp_path / "on" / "eval" / "confusion_matrix.csv").is_file()
+    off = tiny_config(tmp_path / "off", "train.max_iters=4", "train.eval_every_epochs=1", "eval.diagnostics=false")
+    Trainer(off).fit()
+    assert (tmp_path / "off" / "eval" / "metrics.json").is_file()
+    assert not (tmp_path / "off" / "eval" / "confusion_matrix.csv").exists()
