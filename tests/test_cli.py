@@ -90,13 +90,15 @@ HELP_OPTIONS = {
     "train": ["--config", "--data", "--val-data", "--format", "--weights", "--output", "--resume", "--debug",
               "--device", "overrides", "KEY=VALUE"],
     "eval": ["--weights", "--data", "--split", "--format", "--output", "--batch-size", "--max-images",
-             "--proposals", "--score-thresh", "--debug", "--device"],
+             "--proposals", "--score-thresh", "--debug", "--device", "--backend", "--diagnostics-thresh",
+             "--no-diagnostics", "--tile", "--tile-overlap", "--tile-full-image"],
     "proposals": ["--weights", "--data", "--split", "--format", "--output", "--topk", "--batch-size", "--debug",
                   "--device"],
     "predict": ["--weights", "sources", "--output", "--score-thresh", "--batch-size", "--no-draw", "--workers",
-                "--resume", "--strict", "--debug", "--device"],
+                "--resume", "--strict", "--debug", "--device", "--backend", "--tile", "--tile-overlap",
+                "--tile-full-image"],
     "inspect": ["--data", "--split", "--format", "--config", "--output", "--samples", "overrides", "--debug",
-                "--device"],
+                "--device", "--suggest-anchors", "--num-ratios"],
 }
 
 
