@@ -9,7 +9,6 @@ imply. Needs ``../shared/data/raccoon``.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 import tempfile
@@ -22,29 +21,25 @@ import torch  # noqa: E402
 
 from common import REPO_DIR, base_parser, format_table, report, resolve_device  # noqa: E402
 from fpndet.config import load_config  # noqa: E402
+from fpndet.engine.inspect import input_geometry  # noqa: E402
 from fpndet.engine.trainer import Trainer  # noqa: E402
 
 
 def padded_pixels(trainer: Trainer, epochs: int) -> tuple[float, float]:
     """(padded, image) megapixels per epoch of the sampler's batches at the evaluation size."""
-    cfg = trainer.model_cfg
-    short, longest, divisible = cfg.min_size[-1], cfg.max_size, cfg.size_divisible
-    sizes = []
-    for index in range(len(trainer.train_set)):
-        record = trainer.train_set.annotation(index)
-        scale = min(short / min(record.height, record.width), longest / max(record.height, record.width))
-        sizes.append((round(record.height * scale), round(record.width * scale)))
+    records = map(trainer.train_set.annotation, range(len(trainer.train_set)))
+    geometry = [input_geometry(record.height, record.width, trainer.model_cfg) for record in records]
     padded = image = 0
     for epoch in range(epochs):
         trainer.sampler.set_epoch(epoch)
         order = list(trainer.sampler)
         size = trainer.sampler.batch_size
         for start in range(0, len(order), size):
-            batch = order[start : start + size]
-            height = math.ceil(max(sizes[i][0] for i in batch) / divisible) * divisible
-            width = math.ceil(max(sizes[i][1] for i in batch) / divisible) * divisible
+            batch = [geometry[i] for i in order[start : start + size]]
+            height = max(g.padded[0] for g in batch)  # a batch pads to its largest padded image
+            width = max(g.padded[1] for g in batch)
             padded += height * width * len(batch)
-            image += sum(sizes[i][0] * sizes[i][1] for i in batch)
+            image += sum(g.resized[0] * g.resized[1] for g in batch)
     return padded / epochs / 1e6, image / epochs / 1e6
 
 

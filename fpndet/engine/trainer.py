@@ -196,6 +196,9 @@ class Trainer:
             self.device = torch.device("cuda", self.info.local_rank)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        if cfg.train.patience is not None and cfg.train.patience < 1:
+            raise InputError(None, f"train.patience={cfg.train.patience}: expected a number of evaluations >= 1, "
+                             "or null to never stop early")
         seed_everything(cfg.train.seed + self.info.rank)
 
         self.train_set, self.val_set = check_dataset_images(cfg, *open_datasets(cfg), self.out,
@@ -448,7 +451,7 @@ class Trainer:
         """Early stopping (``train.patience``): decided on rank 0 from the evaluation history,
         shared with every process; the reason is printed, logged and kept in the checkpoint."""
         patience = self.cfg.train.patience
-        if not patience:
+        if patience is None:
             return
         reason = stale_evaluations_reason(self.progress.history, patience) if self.info.is_main else None
         if all_ranks_true(reason is None, self.info):

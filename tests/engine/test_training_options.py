@@ -88,6 +88,26 @@ def test_aspect_ratio_groups_read_sizes_from_annotations():
         aspect_ratio_groups([1, 2])
 
 
+def test_data_group_aspect_ratio_switches_grouping_in_the_training_loader(raccoon_dir):
+    from fpndet.config import load_config
+    from fpndet.data.detect import open_dataset
+    from fpndet.engine.distributed import DistInfo
+    from fpndet.engine.trainer import make_train_loader
+
+    dataset = open_dataset(str(raccoon_dir), split="train")
+    orientation = aspect_ratio_groups(dataset)
+
+    def mixed_batches(grouped: bool) -> int:
+        cfg = load_config("raccoon", [f"data.train={raccoon_dir}", f"data.group_aspect_ratio={grouped}"])
+        _, sampler, _ = make_train_loader(dataset, cfg, DistInfo())
+        found = batches(sampler, 0)
+        assert len(found) == 20  # 160 images / 8: the epoch length does not depend on the option
+        return sum(len({orientation[i] for i in batch}) > 1 for batch in found)
+
+    assert mixed_batches(True) <= 1  # 25 portrait images: at most one batch of leftovers is mixed
+    assert mixed_batches(False) >= 10  # ungrouped, most batches of 8 hold a portrait image
+
+
 def test_raccoon_groups_have_both_orientations(raccoon_dir):
     from fpndet.data.detect import open_dataset
 
@@ -211,6 +231,22 @@ def test_ema_decay_follows_the_warm_up_and_the_cap(ema_run):
     assert ema_run.ema.get_decay(10_000) == pytest.approx(0.9)  # train.ema_decay caps it
 
 
+def test_ema_warmup_power_sets_the_warm_up(tmp_path):
+    from fpndet.engine.trainer import build_ema
+
+    cfg = tiny_config(tmp_path, "train.ema_warmup_power=0.5", "train.ema_decay=0.999")
+    ema = build_ema(torch.nn.Linear(2, 2), cfg)
+    assert ema.get_decay(5) == pytest.approx(1 - 5 ** -0.5)  # 0.553 (0.75 would give 0.701)
+    assert ema.get_decay(10 ** 8) == pytest.approx(0.999)
+
+
+def test_patience_below_one_is_refused(tmp_path):
+    from fpndet.errors import InputError
+
+    with pytest.raises(InputError, match="train.patience=0"):
+        Trainer(tiny_config(tmp_path, "train.patience=0"))
+
+
 def test_ema_resume_is_exact(ema_run, tmp_path):
     cfg = tiny_config(tmp_path, "train.ema=true", "train.ema_decay=0.9", "train.checkpoint_every_iters=3")
     resumed = train_with_crash(cfg, crash_after_steps=3)
@@ -257,9 +293,11 @@ def test_best_weights_are_the_evaluated_ema(tmp_path, monkeypatch):
 
 
 def test_trainer_evaluation_diagnostics_follow_the_config(tmp_path):
-    on = tiny_config(tmp_path / "on", "train.max_iters=4", "train.eval_every_epochs=1")
+    on = tiny_config(tmp_path / "on", "train.max_iters=4", "train.eval_every_epochs=1", "eval.diagnostics_thresh=0.02")
     Trainer(on).fit()
     assert (tmp_path / "on" / "eval" / "confusion_matrix.csv").is_file()
+    written = json.loads((tmp_path / "on" / "eval" / "diagnostics.json").read_text())
+    assert written["score_thresh"] == pytest.approx(0.02)
     off = tiny_config(tmp_path / "off", "train.max_iters=4", "train.eval_every_epochs=1", "eval.diagnostics=false")
     Trainer(off).fit()
     assert (tmp_path / "off" / "eval" / "metrics.json").is_file()
