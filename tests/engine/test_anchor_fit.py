@@ -151,6 +151,23 @@ def test_coverage_comes_before_mean_iou():
     assert fit.after.per_level["P3"]["boxes"] == 80
 
 
+def test_coverage_wins_over_a_higher_mean_iou():
+    """One anchor shape per level, foreground IoU 0.8, squares of 20 px and 23 px centred on P3
+    points: a 22 px anchor covers both (IoU 0.83, 0.92), a 20 px one has the higher mean best IoU
+    (1.0 and 0.76) but covers half. The fit takes the 22 px one (the whole-pixel anchors have
+    even sides: there is nothing between)."""
+    start = ModelConfig(min_size=[256], max_size=256, anchor_scales=[1.0],
+                        anchor_ratios=[1.0]).replace(retinanet={"foreground_iou": 0.8})
+    centres = np.random.default_rng(3).integers(2, 30, size=(80, 2)) * 8
+    half = np.where(np.arange(80) % 2 == 0, 10.0, 11.5)[:, None]
+    boxes = np.concatenate([centres - half, centres + half], axis=1)
+    records = [_record(0, boxes[:40], (256, 256)), _record(1, boxes[40:], (256, 256))]
+    fit = fit_anchors(records, start, fit_ratios=False)
+    assert fit.after.covered == 80 and 22 <= fit.sizes[0] < 23  # anchor side 2 * round(int(size) / 2) = 22
+    higher_mean = anchor_score(fit_boxes(records, start), start, sizes=[20.0 * 2**k for k in range(5)])
+    assert higher_mean.covered == 40 and higher_mean.mean_iou > fit.after.mean_iou
+
+
 def test_more_or_fewer_ratios_on_request():
     start = ModelConfig(min_size=[512], max_size=768)
     planted = start.replace(anchor_sizes=PLANTED_SIZES, anchor_ratios=PLANTED_RATIOS)
@@ -159,6 +176,27 @@ def test_more_or_fewer_ratios_on_request():
     assert len(one.ratios) == 1 and one.config.num_anchors_per_location == 3
     four = fit_anchors(records, start, num_ratios=4)
     assert len(four.ratios) == 4 and four.after.key >= one.after.key
+    assert four.config.num_anchors_per_location == 12 and four.after.key > four.before.key
+    with pytest.raises(ValueError, match="num_ratios=0"):
+        fit_anchors(records, start, num_ratios=0)
+    with pytest.raises(ValueError, match="only when fitting ratios"):
+        fit_anchors(records, start, num_ratios=2, fit_ratios=False)
+
+
+def test_search_on_a_sample_and_within_the_budget():
+    """max_boxes: the search sees a seeded sample, the before/after scores count every box, and
+    the same seed gives the same fit; max_evaluations bounds steps 1-4 (step 5's round-number
+    combinations, at most 3^4 here, come on top)."""
+    start = ModelConfig(min_size=[512], max_size=768)
+    planted = start.replace(anchor_sizes=PLANTED_SIZES, anchor_ratios=PLANTED_RATIOS)
+    records = _planted_records(np.random.default_rng(4), planted)
+    sampled = fit_anchors(records, start, max_boxes=100)
+    assert sampled.searched_boxes == 100 and sampled.before.boxes == sampled.after.boxes == 360
+    assert sampled.after.key > sampled.before.key
+    again = fit_anchors(records, start, max_boxes=100)
+    assert (again.sizes, again.ratios, again.evaluations) == (sampled.sizes, sampled.ratios, sampled.evaluations)
+    limited = fit_anchors(records, start, max_evaluations=30)
+    assert limited.evaluations <= 30 + 3**4 < sampled.evaluations
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +278,18 @@ def test_inspect_help_lists_the_anchor_options(capsys):
         main(["inspect", "--help"])
     text = capsys.readouterr().out
     assert "--suggest-anchors" in text and "--num-ratios" in text
+
+
+def test_inspect_num_ratios(tmp_path, capsys):
+    out = tmp_path / "inspect"
+    common = ["inspect", "--data", "shapes:16", "--samples", "0", "model.min_size=[128]", "model.max_size=128"]
+    assert main([*common, "--output", str(out), "--suggest-anchors", "--num-ratios", "2"]) == 0
+    fit = json.loads((out / "report.json").read_text())["anchor_fit"]
+    assert len(fit["anchor_ratios"]) == 2 and fit["fitted"] == ["anchor_sizes", "anchor_ratios"]
+    assert f"model.anchor_ratios=[{fit['anchor_ratios'][0]:.10g}," in capsys.readouterr().out
+    # Without a ratio fit there is nothing to give a count to.
+    assert main([*common, "--output", str(tmp_path / "no"), "--num-ratios", "2"]) == 2
+    assert "--num-ratios 2" in capsys.readouterr().err
 
 
 def test_inspect_suggest_anchors_on_raccoon(raccoon_dir, tmp_path, capsys):
