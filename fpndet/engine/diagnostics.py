@@ -22,18 +22,25 @@ draws the transpose: predicted rows, true columns.) The normalised picture divid
 sum (the colours of ``confusion_matrix.png``): how the objects of a class end up, and for the
 background row which classes the false positives claim to be.
 
-Matching (per image, all classes at once): detections scoring at least ``score_thresh`` are taken
-in descending score order (ties keep their order); each takes, among the still unmatched regular
-objects with IoU >= ``iou_thresh`` (:func:`torchvision.ops.box_iou`), the one of its own class
-with the highest IoU, else sits on an ignored object of its own class (not counted), else takes
-the object of another class with the highest IoU (a confusion), else sits on an ignored object of
-another class (not counted), else is a false positive: a *duplicate* when it overlaps an object
-already taken, *background* otherwise. One detection matches at most one object and one object
-at most one detection. Ignored objects are COCO crowd regions and VOC ``difficult`` objects
-(``iscrowd`` in the ground truth): never misses, and detections on them are neither correct nor
-false positives. As in the COCO metrics, a detection is on a crowd region when the intersection
-covers at least ``iou_thresh`` of the *detection* (pycocotools' crowd overlap) and on a VOC
-difficult object when their IoU is at least ``iou_thresh`` (the devkit's rule).
+Matching (per image, two greedy passes): detections scoring at least ``score_thresh`` are taken
+in descending score order (ties keep their order). First pass, pycocotools' matching within each
+class: each detection takes, among the still unmatched regular objects of its own class with IoU
+>= ``iou_thresh`` (the formula of :func:`torchvision.ops.box_iou`), the one with the highest IoU
+(correct), else sits on an ignored object of its own class (not counted). Second pass, over the
+detections the first left unmatched: each takes the still unmatched regular object of another
+class with the highest IoU (a confusion), else sits on an ignored object of another class (not
+counted), else is a false positive: a *duplicate* when it overlaps an object already taken,
+*background* otherwise. So the diagonal is exactly COCO's true positives at IoU ``iou_thresh``
+(among the detections above the threshold), and a confusion never takes an object from a
+detection of the right class. One detection matches at most one object and one object at most
+one detection. (This is not the VOC devkit's matching of
+:func:`~fpndet.engine.evaluation.voc_map50`, where a detection whose best object is taken is a
+false positive even if another free object overlaps it enough.) Ignored objects are COCO crowd
+regions and VOC ``difficult`` objects (``iscrowd`` in the ground truth): never misses, and
+detections on them are neither correct nor false positives. As in the COCO metrics, a detection
+is on a crowd region when the intersection covers at least ``iou_thresh`` of the *detection*
+(pycocotools' crowd overlap) and on a VOC difficult object when their IoU is at least
+``iou_thresh`` (the devkit's rule).
 
 The score threshold defaults to 0.3 (:data:`DEFAULT_SCORE_THRESH`), the score threshold of
 ``fpndet predict``: the matrix describes the detections a user of the model sees; COCO AP itself
@@ -54,10 +61,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from fpndet.engine.checkpoints import atomic_write_bytes
+from fpndet.engine.evaluation import _check_labels, _mean_defined, _voc_ground_truth
 from fpndet.errors import InputError
+from fpndet.modeling.box_ops import box_area, pairwise_intersection
 
 DEFAULT_SCORE_THRESH = 0.3
 MATCH_IOU = 0.5
@@ -183,126 +191,125 @@ def confusion_matrix(
     """
     if len(detections) != len(ground_truths):
         raise ValueError(f"{len(detections)} detection entries but {len(ground_truths)} ground truths")
-    k = int(num_classes)
-    cells, fps, misses = [], [], []
-    for index, (detection, truth) in enumerate(zip(detections, ground_truths)):
-        boxes, scores, labels = _detections_above(detection, score_thresh, k)
-        gt_boxes, gt_labels, gt_ignored = _ground_truth(truth, k)
-        kinds, true, taken = _match_image(boxes, labels, gt_boxes, gt_labels, gt_ignored, iou_thresh, crowd_ioa)
-        counted = (kinds == CORRECT) | (kinds == CONFUSED)
-        false = (kinds == BACKGROUND) | (kinds == DUPLICATE)
-        missed = ~taken & ~gt_ignored
-        labels_np, gt_labels_np = labels.numpy(), gt_labels.numpy()
-        rows = np.concatenate([true[counted], np.full(int(false.sum()), k), gt_labels_np[missed]])
-        cols = np.concatenate([labels_np[counted], labels_np[false], np.full(int(missed.sum()), k)])
-        cells.append(rows * (k + 1) + cols)
-        wrong = false | (kinds == CONFUSED)
-        if wrong.any():
-            fps.append((np.full(int(wrong.sum()), index), boxes.numpy()[wrong], scores.numpy()[wrong],
-                        labels_np[wrong], kinds[wrong], np.where(kinds[wrong] == CONFUSED, true[wrong], -1)))
-        if missed.any():
-            misses.append((np.full(int(missed.sum()), index), gt_boxes.numpy()[missed], gt_labels_np[missed]))
-    flat = np.concatenate(cells).astype(np.int64) if cells else np.zeros(0, np.int64)
-    matrix = np.bincount(flat, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+    k, count = int(num_classes), len(detections)
+    image, boxes, scores, labels = _stack_detections(detections, score_thresh, k)
+    gt_image, gt_boxes, gt_labels, gt_ignored = _stack_ground_truth(ground_truths, k)
+    # Rows of image i: [starts[i], starts[i + 1]) (both stacks are ordered by image).
+    starts, gt_starts = np.searchsorted(image, np.arange(count + 1)), np.searchsorted(gt_image, np.arange(count + 1))
+    kinds = np.full(len(labels), BACKGROUND, np.int8)
+    matched = np.full(len(labels), -1, np.int64)  # index into the stacked objects
+    for i in np.flatnonzero((np.diff(starts) > 0) & (np.diff(gt_starts) > 0)).tolist():
+        d, g = slice(starts[i], starts[i + 1]), slice(gt_starts[i], gt_starts[i + 1])
+        kinds[d], local = _match_image(boxes[d], labels[d], gt_boxes[g], gt_labels[g], gt_ignored[g], iou_thresh, crowd_ioa)
+        matched[d] = np.where(local >= 0, local + g.start, -1)
+    found = matched >= 0
+    true = np.full(len(labels), -1, np.int64)
+    true[found] = gt_labels[matched[found]]
+    taken = np.zeros(len(gt_labels), bool)
+    taken[matched[found]] = True
 
-    def joined(parts, position, dtype, shape=(0,)):
-        return np.concatenate([p[position] for p in parts]).astype(dtype) if parts else np.zeros(shape, dtype)
-
+    counted = (kinds == CORRECT) | (kinds == CONFUSED)
+    false = (kinds == BACKGROUND) | (kinds == DUPLICATE)
+    missed = ~taken & ~gt_ignored
+    rows = np.concatenate([true[counted], np.full(int(false.sum()), k), gt_labels[missed]])
+    cols = np.concatenate([labels[counted], labels[false], np.full(int(missed.sum()), k)])
+    matrix = np.bincount(rows * (k + 1) + cols, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+    wrong = false | (kinds == CONFUSED)
     return ConfusionResult(
         matrix=matrix, score_thresh=float(score_thresh), iou_thresh=float(iou_thresh),
-        fp_image=joined(fps, 0, np.int64), fp_boxes=joined(fps, 1, np.float64, (0, 4)),
-        fp_scores=joined(fps, 2, np.float64), fp_labels=joined(fps, 3, np.int64), fp_kinds=joined(fps, 4, np.int8),
-        fp_true=joined(fps, 5, np.int64),
-        miss_image=joined(misses, 0, np.int64), miss_boxes=joined(misses, 1, np.float64, (0, 4)),
-        miss_labels=joined(misses, 2, np.int64),
+        fp_image=image[wrong], fp_boxes=boxes.numpy()[wrong], fp_scores=scores[wrong], fp_labels=labels[wrong],
+        fp_kinds=kinds[wrong], fp_true=np.where(kinds[wrong] == CONFUSED, true[wrong], -1),
+        miss_image=gt_image[missed], miss_boxes=gt_boxes.numpy()[missed], miss_labels=gt_labels[missed],
     )  # fmt: skip
 
 
-def _plain(tensor) -> torch.Tensor:
-    return torch.as_tensor(tensor).detach().as_subclass(torch.Tensor).cpu()
+def _stacked(tensors, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+    """The tensors (CPU, ``dtype``) flattened to ``[-1]`` or ``[-1, width]`` and concatenated."""
+    shape = (-1,) if width is None else (-1, width)
+    parts = [torch.as_tensor(t).detach().to("cpu", dtype).reshape(shape) for t in tensors]
+    return torch.cat(parts) if parts else torch.zeros((0, *shape[1:]), dtype=dtype)
 
 
-def _detections_above(detection: Mapping, score_thresh: float, k: int):
-    """(boxes float64 [N, 4], scores float64 [N], labels int64 [N]) scoring >= the threshold, by
-    descending score (stable)."""
-    boxes = _plain(detection["boxes"]).to(torch.float64).reshape(-1, 4)
-    scores = _plain(detection["scores"]).to(torch.float64).reshape(-1)
-    labels = _plain(detection["labels"]).to(torch.int64).reshape(-1)
+def _stack_detections(detections: Sequence[Mapping], score_thresh: float, k: int):
+    """Every image's detections scoring >= the threshold, stacked by image and, within an image,
+    by descending score (stable): (image int64 ndarray [N], boxes float64 Tensor [N, 4],
+    scores float64 ndarray [N], labels int64 ndarray [N]); labels checked."""
+    labels = _stacked([d["labels"] for d in detections], torch.int64)
     _check_labels(labels, k, "detection")
-    keep = scores >= score_thresh
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    order = torch.argsort(scores, descending=True, stable=True)
-    return boxes[order], scores[order], labels[order]
+    scores = _stacked([d["scores"] for d in detections], torch.float64).numpy()
+    image = np.repeat(np.arange(len(detections)), [torch.as_tensor(d["labels"]).numel() for d in detections])
+    keep = np.flatnonzero(scores >= score_thresh)
+    keep = keep[np.lexsort((-scores[keep], image[keep]))]
+    boxes = _stacked([d["boxes"] for d in detections], torch.float64, 4)
+    return image[keep], boxes[torch.from_numpy(keep)], scores[keep], labels.numpy()[keep]
 
 
-def _ground_truth(truth: Mapping, k: int):
-    """(boxes float64 [G, 4], labels int64 [G], ignored bool ndarray [G])."""
-    boxes = _plain(truth["boxes"]).to(torch.float64).reshape(-1, 4)
-    labels = _plain(truth["labels"]).to(torch.int64).reshape(-1)
+def _stack_ground_truth(ground_truths: Sequence[Mapping], k: int):
+    """Every image's objects, stacked by image: (image int64 ndarray [G], boxes float64 Tensor
+    [G, 4], labels int64 ndarray [G], ignored bool ndarray [G] (``iscrowd``, optional));
+    labels checked."""
+    labels = _stacked([t["labels"] for t in ground_truths], torch.int64)
     _check_labels(labels, k, "ground truth")
-    ignored = truth.get("iscrowd")
-    ignored = np.zeros(len(labels), bool) if ignored is None else _plain(ignored).reshape(-1).bool().numpy()
-    return boxes, labels, ignored
-
-
-def _check_labels(labels: torch.Tensor, k: int, what: str) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-        bad = labels[(labels < 0) | (labels >= k)][0]
-        raise ValueError(f"{what} label {int(bad)} outside [0, {k})")
+    counts = [torch.as_tensor(t["labels"]).numel() for t in ground_truths]
+    ignored = _stacked([torch.zeros(n, dtype=torch.bool) if t.get("iscrowd") is None else t["iscrowd"]
+                        for t, n in zip(ground_truths, counts)], torch.bool)
+    image = np.repeat(np.arange(len(ground_truths)), counts)
+    return image, _stacked([t["boxes"] for t in ground_truths], torch.float64, 4), labels.numpy(), ignored.numpy()
 
 
 def _match_image(boxes, labels, gt_boxes, gt_labels, gt_ignored, iou_thresh, crowd_ioa):
-    """Greedy matching of one image's detections (sorted by descending score) to its objects.
+    """Greedy matching of one image's detections (sorted by descending score) to its objects
+    (module doc): first every detection against the objects of its own class (pycocotools'
+    matching), then the detections left unmatched against the other classes' objects.
+
+    The overlapping (detection, object) pairs are listed once, each detection's candidates best
+    first, so the two greedy passes are plain loops over those pairs.
+
+    Args:
+        boxes: float64 Tensor [N, 4]; labels: int64 ndarray [N]; gt_boxes: float64 Tensor
+            [G, 4]; gt_labels: int64 ndarray [G]; gt_ignored: bool ndarray [G].
 
     Returns:
-        (kinds int8 [N] (CORRECT ... IGNORED), true int64 [N] the matched object's class or -1,
-        taken bool [G] objects matched).
+        (kinds int8 [N] (CORRECT ... IGNORED), matched int64 [N]: the object a detection took,
+        or -1).
     """
     n, g = len(boxes), len(gt_boxes)
     kinds = np.full(n, BACKGROUND, np.int8)
-    true = np.full(n, -1, np.int64)
-    taken = np.zeros(g, bool)
+    matched = np.full(n, -1, np.int64)
     if n == 0 or g == 0:
-        return kinds, true, taken
-    iou = box_iou(boxes, gt_boxes).numpy()  # [N, G]
+        return kinds, matched
+    inter = pairwise_intersection(boxes, gt_boxes)  # [N, G]; IoU by torchvision.ops.box_iou's formula
+    area = box_area(boxes)
+    iou = (inter / (area[:, None] + box_area(gt_boxes)[None, :] - inter)).numpy()
     overlap = iou
     if crowd_ioa and gt_ignored.any():  # crowd regions: intersection over the detection's area
-        overlap = iou.copy()
-        overlap[:, gt_ignored] = _intersection_over_first(boxes.numpy(), gt_boxes.numpy()[gt_ignored])
-    hit = overlap >= iou_thresh
-    regular_hit = hit & ~gt_ignored[None, :]
-    ignored_hit = hit & gt_ignored[None, :]
-    same = labels.numpy()[:, None] == gt_labels.numpy()[None, :]
-    gt_label_list = gt_labels.tolist()
-    # Detections overlapping nothing stay background; the others are matched in score order.
-    for d in np.flatnonzero(hit.any(axis=1)).tolist():
-        free = regular_hit[d] & ~taken
-        own = free & same[d]
-        if own.any():
-            choice, kinds[d] = int(np.argmax(np.where(own, iou[d], -1.0))), CORRECT
-        elif (ignored_hit[d] & same[d]).any():
-            kinds[d] = IGNORED
-            continue
-        elif free.any():
-            choice, kinds[d] = int(np.argmax(np.where(free, iou[d], -1.0))), CONFUSED
-        elif ignored_hit[d].any():
-            kinds[d] = IGNORED
-            continue
-        else:
-            kinds[d] = DUPLICATE if regular_hit[d].any() else BACKGROUND
-            continue
-        taken[choice] = True
-        true[d] = gt_label_list[choice]
-    return kinds, true, taken
-
-
-def _intersection_over_first(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[N, M] intersection area over the area of each box of ``a`` (pycocotools' crowd overlap)."""
-    low = np.maximum(a[:, None, :2], b[None, :, :2])
-    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(high - low, 0.0, None).prod(axis=2)
-    area = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
-    return np.where(area > 0, inter / np.where(area > 0, area, 1.0), 0.0)
+        ioa = torch.where(area[:, None] > 0, inter / area[:, None], 0.0).numpy()
+        overlap = np.where(gt_ignored[None, :], ioa, iou)
+    det, obj = np.nonzero(overlap >= iou_thresh)
+    if det.size == 0:
+        return kinds, matched
+    other = labels[det] != gt_labels[obj]
+    ignored = gt_ignored[obj]
+    # Each detection's candidates (detections in score order): regular objects before ignored
+    # ones, by descending IoU (ties: the first object); own class in the first pass, others in
+    # the second.
+    order = np.lexsort((-iou[det, obj], ignored, other, det))
+    pairs = list(zip(det[order].tolist(), obj[order].tolist(), ignored[order].tolist(), other[order].tolist()))
+    decided, taken = [False] * n, [False] * g
+    for second_pass in (False, True):
+        for d, o, on_ignored, is_other in pairs:
+            if is_other != second_pass or decided[d]:
+                continue
+            if on_ignored:
+                decided[d], kinds[d] = True, IGNORED
+            elif not taken[o]:
+                decided[d], taken[o], matched[d] = True, True, o
+                kinds[d] = CONFUSED if is_other else CORRECT
+    # Still undecided with a candidate: every object it overlaps is taken.
+    for d in set(det.tolist()):
+        if not decided[d]:
+            kinds[d] = DUPLICATE
+    return kinds, matched
 
 
 def format_confusion_matrix(result: ConfusionResult, class_names: Sequence[str], *, max_classes: int = 10) -> str:
@@ -360,11 +367,6 @@ def per_class_size_ap(precision: np.ndarray, class_names: Sequence[str], coco_gt
             row.update({key: int(values[k]) for key, values in counts.items()})
         table[str(name)] = row
     return table
-
-
-def _mean_defined(values: np.ndarray) -> float:
-    defined = values[values > -1]
-    return float(defined.mean()) if defined.size else -1.0
 
 
 def _object_counts(coco_gt: Mapping) -> dict[str, np.ndarray]:
@@ -439,7 +441,7 @@ def write_diagnostics(
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(dataset.class_names)
     confusion = confusion_matrix(detections, ground_truths, len(names), score_thresh=score_thresh,
-                                 iou_thresh=iou_thresh, crowd_ioa=not getattr(dataset, "devkit_metric", False))
+                                 iou_thresh=iou_thresh, crowd_ioa=not dataset.devkit_metric)
     _write_confusion_csv(confusion.matrix, names, out_dir / "confusion_matrix.csv")
     plot_confusion_matrix(confusion.matrix, names, out_dir / "confusion_matrix.png",
                           title=f"confusion matrix (IoU >= {iou_thresh:g}, score >= {score_thresh:g})")
@@ -546,10 +548,9 @@ def _write_pictures(dataset, detections, ground_truths, confusion: ConfusionResu
                       true_class=name(int(confusion.fp_true[i])) if kind == CONFUSED else None)
         fp_records.append(record)
         if index in images:
-            truth = ground_truths[index]
+            gt_boxes, gt_labels, _ = _voc_ground_truth(ground_truths[index], len(names))
             fp_cells.append(_crop_picture(
-                images[index], confusion.fp_boxes[i], label, float(confusion.fp_scores[i]), names,
-                _plain(truth["boxes"]).reshape(-1, 4), _plain(truth["labels"]).reshape(-1),
+                images[index], confusion.fp_boxes[i], label, float(confusion.fp_scores[i]), names, gt_boxes, gt_labels,
                 [f"{name(label)} {float(confusion.fp_scores[i]):.2f}: {what}", record["file"], "white: ground truth"]))
     miss_records, miss_cells = [], []
     for i in miss_chosen:
@@ -557,10 +558,10 @@ def _write_pictures(dataset, detections, ground_truths, confusion: ConfusionResu
         record = _picture_record(dataset, index, box, name(label))
         miss_records.append(record)
         if index in images:
-            boxes, _, labels = _detections_above(detections[index], thresh, len(names))
+            _, boxes, _, labels = _stack_detections([detections[index]], thresh, len(names))
             width, height = box[2] - box[0], box[3] - box[1]
             miss_cells.append(_crop_picture(
-                images[index], box, label, None, names, boxes, labels,
+                images[index], box, label, None, names, boxes, torch.from_numpy(labels),
                 [f"missed {name(label)} ({width:.0f}x{height:.0f} px)", record["file"],
                  f"white: detections >= {thresh:g}"]))
     _save_grid(fp_cells, out_dir / "worst_false_positives.png")
@@ -585,7 +586,7 @@ def _load_images(dataset, indices: Sequence[int]) -> dict[int, torch.Tensor]:
     try:
         for index in indices:
             try:
-                images[index] = _plain(dataset[index][0])
+                images[index] = torch.as_tensor(dataset[index][0])
             except InputError:
                 continue
     finally:
@@ -612,12 +613,12 @@ def _crop_picture(image: torch.Tensor, box, label: int, score: float | None, cla
     scale = PICTURE_SIZE / max(crop.width, crop.height)
     crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BILINEAR)
     offset = torch.tensor([left, top, left, top], dtype=torch.float64)
-    context = _plain(context_boxes).to(torch.float64).reshape(-1, 4)
+    context = context_boxes.to(torch.float64).reshape(-1, 4)
     inside = (context[:, 2] > left) & (context[:, 0] < right) & (context[:, 3] > top) & (context[:, 1] < bottom)
     shifted = (torch.as_tensor(np.asarray(box, np.float64)).reshape(1, 4) - offset) * scale
     drawn = draw_detections(
         crop, shifted, torch.tensor([label]), None if score is None else torch.tensor([score]), class_names,
-        extra_boxes={"boxes": (context[inside] - offset) * scale, "labels": _plain(context_labels).reshape(-1)[inside]},
+        extra_boxes={"boxes": (context[inside] - offset) * scale, "labels": context_labels.reshape(-1)[inside]},
         line_width=3, font_size=11,
     )
     cell = Image.new("RGB", (PICTURE_SIZE, PICTURE_SIZE), (40, 40, 40))

@@ -277,7 +277,7 @@ def plot_precision_recall_per_class(
                       color="gray", fontsize=font)
             axes.text(x0, y0 + panel_h + 0.03, name, ha="left", va="bottom", fontsize=font)
             continue
-        for (label, (_, _, lines)), values in zip(kinds.items(), (at_50, curves[5, :, k], mean[:, k])):
+        for (_, _, lines), values in zip(kinds.values(), (at_50, curves[5, :, k], mean[:, k])):
             defined = ~np.isnan(values)
             lines.append(np.column_stack([x0 + panel_w * recall[defined], y0 + panel_h * values[defined]]))
         point = (operating_points or {}).get(name)
