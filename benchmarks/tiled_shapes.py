@@ -6,7 +6,9 @@ synthetic shapes data (its ``test`` split, never trained on; each 320 x 320 with
 same objects 4x smaller when it runs on the whole 1280 px image (its pre-processing resizes the
 short side to 320), but at their own scale on 320 px tiles. Then, with ``--weights``, runs
 ``fpndet eval`` on it without and with tiling and writes a table (AP, APs, APm, APl, AR100,
-inference wall time) as Markdown and JSON.
+inference wall time) as Markdown and JSON. Each row's AP is also recomputed by pycocotools run
+directly on the mosaic's ``instances_val.json`` and the ``detections.json`` the row wrote (the
+``pycocotools_AP`` column of the JSON; the script stops if it differs from fpndet's AP).
 
     python benchmarks/tiled_shapes.py --out-data /tmp/shapes_mosaic --images 40 \\
         --weights /tmp/runs/shapes --device cpu
@@ -71,6 +73,29 @@ def build_mosaic_dataset(out: Path, *, images: int, grid: int, cell: int = 320, 
     return path
 
 
+def pycocotools_ap(annotations: Path, detections: Path) -> float:
+    """COCO AP of a results file against the original annotation file, by pycocotools alone (no
+    fpndet code between the JSON files and ``COCOeval``)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotations))
+        evaluation = COCOeval(truth, truth.loadRes(json.loads(detections.read_text())), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return float(evaluation.stats[0])
+
+
+def check_ap(metrics: dict, annotations: Path, detections: Path) -> float:
+    """pycocotools' AP on the files (:func:`pycocotools_ap`); stops the script when fpndet's differs."""
+    direct = pycocotools_ap(annotations, detections)
+    if abs(direct - metrics["AP"]) > 1e-6:
+        raise SystemExit(f"AP {metrics['AP']:.6f} from fpndet but {direct:.6f} from pycocotools on {detections}")
+    return direct
+
+
 def run_eval(arguments: list[str]) -> tuple[dict, float, str]:
     """``fpndet eval`` in this process: (metrics, inference seconds as it prints them, its output)."""
     from fpndet.cli import main
@@ -87,10 +112,11 @@ def run_eval(arguments: list[str]) -> tuple[dict, float, str]:
     return metrics, seconds, text
 
 
-def run_full_size(weights: str, data: Path, *, size: int, device: str, batch_size: int) -> tuple[dict, float]:
+def run_full_size(weights: str, data: Path, out: Path, *, size: int, device: str,
+                  batch_size: int) -> tuple[dict, float]:
     """The other way to see small objects: the model on the whole image without shrinking it
     (its pre-processor's ``min_size`` and ``max_size`` raised to the image size; no CLI option
-    does this). Returns (metrics, inference seconds)."""
+    does this); ``detections.json`` goes to ``out``. Returns (metrics, inference seconds)."""
     import torch
 
     from fpndet.engine.inference import evaluate_detections, run_inference
@@ -102,7 +128,8 @@ def run_full_size(weights: str, data: Path, *, size: int, device: str, batch_siz
     start = time.perf_counter()
     detections, truths = run_inference(model, dataset, batch_size=batch_size, device=torch.device(device))
     seconds = time.perf_counter() - start
-    report = evaluate_detections(dataset, detections, truths, model_class_names=class_names, model_source=weights)
+    report = evaluate_detections(dataset, detections, truths, out_dir=out, model_class_names=class_names,
+                                 model_source=weights, diagnostics=False)
     return report["metrics"], seconds
 
 
@@ -176,20 +203,23 @@ def main() -> None:
     for name in chosen:
         if SETTINGS[name] is None:
             print(f"\n{name} (library: load_detector, preprocessor.min_size/max_size, run_inference)", flush=True)
-            metrics, seconds = run_full_size(args.weights, data, size=320 * args.grid, device=args.device,
+            output = Path("/tmp/tiled_shapes_eval/full_size")
+            metrics, seconds = run_full_size(args.weights, data, output, size=320 * args.grid, device=args.device,
                                              batch_size=args.batch_size)
             rows.append({"setting": name, "command": None, "seconds": seconds,
-                         "ms_per_image": 1000 * seconds / len(content["images"]), "metrics": metrics})
+                         "ms_per_image": 1000 * seconds / len(content["images"]), "metrics": metrics,
+                         "pycocotools_AP": check_ap(metrics, annotations, output / "detections.json")})
             print(f"AP {metrics['AP']:.3f}  APs {metrics['APs']:.3f}  {seconds:.1f} s", flush=True)
             continue
         arguments = ["--weights", args.weights, "--data", str(data), "--device", args.device,
-                     "--batch-size", str(args.batch_size), *SETTINGS[name],
+                     "--batch-size", str(args.batch_size), "--no-diagnostics", *SETTINGS[name],
                      "--output", f"/tmp/tiled_shapes_eval/{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}"]
         command = "fpndet eval " + " ".join(shlex.quote(a) for a in arguments if a)
         print(f"\n$ {command}", flush=True)
         metrics, seconds, _ = run_eval(arguments)
         rows.append({"setting": name, "command": command, "seconds": seconds,
-                     "ms_per_image": 1000 * seconds / len(content["images"]), "metrics": metrics})
+                     "ms_per_image": 1000 * seconds / len(content["images"]), "metrics": metrics,
+                     "pycocotools_AP": check_ap(metrics, annotations, Path(arguments[-1]) / "detections.json")})
         print(f"AP {metrics['AP']:.3f}  APs {metrics['APs']:.3f}  APm {metrics['APm']:.3f}  APl {metrics['APl']:.3f}  "
               f"AR100 {metrics['AR100']:.3f}  {seconds:.1f} s", flush=True)
     print(f"\ntiming: {args.timing_images} images, {args.timing_rounds} rounds, the settings in turn", flush=True)

@@ -18,9 +18,12 @@ anchors of the finest pyramid level. :class:`TiledDetector` runs the model on ov
    ``edge_margin`` of the tile size; the image border does not count) is the visible part of an
    object that may go on in the next tile:
 
-   - when the neighbouring tile(s) across the touched edge(s) contain the whole box, that tile saw
-     everything this one saw and more: the box is dropped (an object narrower than the overlap is
-     found whole in a tile, once);
+   - when the neighbouring tile(s) across the touched edge(s) contain the whole box without it
+     touching their own edge there (by more than ``edge_margin``), that tile saw everything this
+     one saw and more, uncut: the box is dropped (an object narrower than the overlap is found
+     whole in a tile, once). The neighbour's margin is what makes this safe: a box that touches
+     the edges of both tiles (an object about as wide as the overlap) is dropped by neither and
+     stitched instead;
    - otherwise (an object larger than the overlap, which no tile sees whole) the cut boxes of
      neighbouring tiles are *stitched*: two cut boxes of the same class, from different tiles,
      that agree on the region both tiles see (each clipped to the other's tile, IoU >=
@@ -73,8 +76,8 @@ class TileGrid(NamedTuple):
     neighbour_edge: float ``[T, 4]``: across each inner side, the far edge of the neighbouring
         row/column of tiles (left: the previous column's right edge; top: the previous row's
         bottom; right: the next column's left edge; bottom: the next row's top); a box touching
-        that side lies whole in the neighbour when it ends before (left/top) or starts after
-        (right/bottom) it.
+        that side lies whole, and uncut, in the neighbour when it ends before (left/top) or starts
+        after (right/bottom) it by more than the edge margin.
     """
 
     boxes: Tensor
@@ -228,9 +231,11 @@ class TiledDetector:
             boxes[:, 0] <= rect[:, 0] + margin, boxes[:, 1] <= rect[:, 1] + margin,
             boxes[:, 2] >= rect[:, 2] - margin, boxes[:, 3] >= rect[:, 3] - margin], dim=1)
         edge = edges[tile.clamp(min=0)]
+        # whole in the neighbour and not touching its edge there (the negation of `touch` in it):
+        # with `<= edge + margin` a box touching the edges of both tiles was dropped by both
         inside_neighbour = torch.stack([
-            boxes[:, 2] <= edge[:, 0] + margin, boxes[:, 3] <= edge[:, 1] + margin,
-            boxes[:, 0] >= edge[:, 2] - margin, boxes[:, 1] >= edge[:, 3] - margin], dim=1)
+            boxes[:, 2] < edge[:, 0] - margin, boxes[:, 3] < edge[:, 1] - margin,
+            boxes[:, 0] > edge[:, 2] + margin, boxes[:, 1] > edge[:, 3] + margin], dim=1)
         cut = touch.any(dim=1)
         covered = (~touch | inside_neighbour).all(dim=1)
         stitch = cut & ~covered
@@ -255,14 +260,12 @@ class TiledDetector:
     def _stitch(self, boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, tile: Tensor,
                 touch: Tensor, rects: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Join cut boxes that are parts of one object (module doc, step 3): one box per group."""
-        group = torch.arange(len(boxes), device=boxes.device)
-        for i in image.unique().tolist():
-            members = (image == i).nonzero().squeeze(1)
-            if len(members) > 1:
-                pairs = self._agree(boxes[members], labels[members], tile[members], rects)
-                group[members] = members[_connected(len(members), pairs)]
-        groups, group = torch.unique(group, return_inverse=True)
-        count = len(groups)
+        # tiles are numbered over all images: boxes of different images never share or neighbour one,
+        # but they can overlap in pixels, hence the image in the pairing
+        pairs = self._agree(boxes, image * (int(labels.max()) + 1) + labels, tile, rects)
+        # first: each group's smallest member (the component's label); group: each box's group
+        first, group = torch.unique(_connected(len(boxes), pairs), return_inverse=True)
+        count = len(first)
         # each side from the best-scoring member not cut on it; the extreme one when all are
         side_boxes = []
         for side in range(4):
@@ -279,12 +282,10 @@ class TiledDetector:
         merged = torch.stack(side_boxes, dim=1)
         best_score = torch.zeros(count, device=boxes.device).scatter_reduce(
             0, group, scores, "amax", include_self=False)
-        first = torch.full((count,), len(boxes), device=boxes.device).scatter_reduce(
-            0, group, torch.arange(len(boxes), device=boxes.device), "amin")
         return merged, best_score, labels[first], image[first]
 
-    def _agree(self, boxes: Tensor, labels: Tensor, tile: Tensor, rects: Tensor, *, chunk: int = 512) -> Tensor:
-        """int64 ``[2, E]`` pairs (i, j) of boxes of the same class from different tiles that,
+    def _agree(self, boxes: Tensor, groups: Tensor, tile: Tensor, rects: Tensor, *, chunk: int = 512) -> Tensor:
+        """int64 ``[2, E]`` pairs (i, j) of boxes of the same group (image and class) from different tiles that,
         each clipped to the other's tile, overlap with IoU >= ``stitch_iou`` (computed ``chunk``
         rows at a time: memory ``chunk x n``)."""
         rect = rects[tile]
@@ -298,7 +299,7 @@ class TiledDetector:
                            torch.minimum(boxes[None, :, 2:], rect[rows, None, 2:])], dim=-1)
             inter = _area(torch.cat([torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])], -1))
             union = _area(a) + _area(b) - inter
-            agree = ((labels[rows, None] == labels[None, :]) & (tile[rows, None] != tile[None, :])
+            agree = ((groups[rows, None] == groups[None, :]) & (tile[rows, None] != tile[None, :])
                      & (inter > 0) & (inter >= self.stitch_iou * union))
             i, j = agree.nonzero(as_tuple=True)
             pairs.append(torch.stack([i + start, j]))

@@ -137,6 +137,11 @@ BORDER_CASES = {
     "across a corner, larger than the overlap": (200, 200, 400, 400),
     "wider than a tile": (100, 120, 700, 200),
     "in an overlap, touching no edge": (270, 270, 310, 310),
+    # about as wide as the overlap: within the edge margin (6.4 px) of the edges of both tiles
+    "as wide as the overlap, touching both tiles' edges": (252, 100, 318, 140),
+    "inside an overlap, touching both of its edges": (258, 100, 318, 140),
+    "as tall as the overlap, touching both tiles' edges": (100, 252, 140, 318),
+    "just wider than the overlap, a few px into one tile": (252, 100, 330, 140),
 }
 
 
@@ -150,6 +155,40 @@ def test_an_object_spanning_a_tile_border_is_found_exactly_once(box):
     seen = sum(len(finder.detect(image[:, y1:y2, x1:x2])["boxes"])
                for x1, y1, x2, y2 in tile_layout(640, 800, 320, 0.2).boxes.tolist())
     assert seen >= 2
+
+
+@pytest.mark.parametrize("vertical", [False, True], ids=["across a vertical edge", "across a horizontal edge"])
+def test_objects_of_every_width_and_place_around_an_overlap_are_found_once(vertical):
+    """Tiles of 320 px, overlap 0.2 on a 576 px side: two tiles [0, 320) and [256, 576), edge
+    margin 6.4 px. Objects of widths about the overlap (64 px), at every position around it (in
+    one tile, touching one edge, both, cut by both), are each found once with their own box; the
+    images run as one batch (so cut boxes of different images at the same place must not join)."""
+    cases = [(x1, x1 + width) for width in range(40, 101, 6) for x1 in range(236, 276, 3)]
+    images = []
+    for k, (x1, x2) in enumerate(cases):
+        image = painted(64, 576, [(x1, 10, x2, 50, k % 3, 0.9)])
+        images.append(image.transpose(1, 2) if vertical else image)
+    found = TiledDetector(RectangleFinder(), 320, overlap=0.2, batch_size=64)(images)
+    for k, ((x1, x2), detections) in enumerate(zip(cases, found)):
+        box = (10.0, float(x1), 50.0, float(x2)) if vertical else (float(x1), 10.0, float(x2), 50.0)
+        assert as_list(detections) == [(box, 0.9, k % 3)], (x1, x2)
+
+
+def test_a_stitched_box_takes_each_side_from_the_best_part_not_cut_there():
+    """Parts of one object seen by two tiles ([0, 320) and [256, 576) on x): each side of the
+    joined box comes from the best-scoring part not cut on that side, the extreme one where all
+    parts are cut; the score is the best part's (a union of the parts would differ)."""
+    tiled = TiledDetector(RectangleFinder(), 320, overlap=0.2)
+    rects = tile_layout(64, 576, 320, 0.2).boxes.float()
+    boxes = torch.tensor([[250.0, 12, 320, 41], [256, 10, 400, 44],  # one object: cut right / cut left
+                          [200, 0, 320, 64], [256, 0, 330, 64]])  # another, cut on both sides of y too
+    touch = torch.tensor([[False, False, True, False], [True, False, False, False],
+                          [False, True, True, True], [True, True, False, True]])
+    merged, scores, labels, image = tiled._stitch(boxes, torch.tensor([0.9, 0.7, 0.4, 0.5]), torch.tensor([1, 1, 2, 2]),
+                                                  torch.zeros(4, dtype=torch.int64), torch.tensor([0, 1, 0, 1]),
+                                                  touch, rects)
+    assert merged.tolist() == [[250.0, 12.0, 400.0, 41.0], [200.0, 0.0, 330.0, 64.0]]
+    assert scores.tolist() == pytest.approx([0.9, 0.5]) and labels.tolist() == [1, 2] and image.tolist() == [0, 0]
 
 
 def test_neighbouring_objects_across_a_border_stay_apart():
@@ -335,7 +374,28 @@ def write_large_coco(root, *, images: int = 2):
     return root / "annotations" / "instances_val.json"
 
 
-def test_eval_and_predict_with_tiles(tiny_run, tmp_path, capsys):
+class RecordedTiledDetector(TiledDetector):
+    """A :class:`TiledDetector` that keeps each instance and what it returned (put in place of the
+    one the CLI builds, to see its options reach the wrapper and its detections the output)."""
+
+    instances: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.found = 0
+        RecordedTiledDetector.instances.append(self)
+
+    def __call__(self, images, **kwargs):
+        outputs = super().__call__(images, **kwargs)
+        self.found += sum(len(o["boxes"]) for o in outputs)
+        return outputs
+
+
+def test_eval_and_predict_with_tiles(tiny_run, tmp_path, capsys, monkeypatch):
+    import fpndet.engine.tiling
+
+    monkeypatch.setattr(fpndet.engine.tiling, "TiledDetector", RecordedTiledDetector)
+    monkeypatch.setattr(RecordedTiledDetector, "instances", [])
     data = write_large_coco(tmp_path / "coco")
     out = tmp_path / "eval"
     assert main(["eval", "--weights", str(tiny_run), "--data", str(data), "--output", str(out), "--device", "cpu",
@@ -345,6 +405,10 @@ def test_eval_and_predict_with_tiles(tiny_run, tmp_path, capsys):
     detections = json.loads((out / "detections.json").read_text())
     assert detections and min(d["score"] for d in detections) >= 0.2
     assert max(sum(d["image_id"] == i for d in detections) for i in (1, 2)) <= 100
+    # the options reach the wrapper, and the detections evaluated are the wrapper's
+    (tiled,) = RecordedTiledDetector.instances
+    assert (tiled.tile_size, tiled.overlap, tiled.full_image, tiled.batch_size) == (128, 0.25, True, 4)
+    assert tiled.postprocessor.score_thresh == 0.2 and tiled.found == len(detections)
 
     pred = tmp_path / "pred"
     assert main(["predict", "--weights", str(tiny_run), str(data.parent.parent / "images"), "--output", str(pred),
@@ -353,6 +417,9 @@ def test_eval_and_predict_with_tiles(tiny_run, tmp_path, capsys):
     record = json.loads((pred / "0.json").read_text())
     assert record["width"] == 500 and all(d["score"] >= 0.4 for d in record["detections"])
     assert all(0 <= d["box"][0] <= d["box"][2] <= 500 + 1e-3 for d in record["detections"])
+    tiled = RecordedTiledDetector.instances[-1]
+    assert len(RecordedTiledDetector.instances) == 2 and (tiled.tile_size, tiled.overlap, tiled.full_image) == (128, 0.2, False)
+    assert tiled.found == sum(len(json.loads((pred / f"{i}.json").read_text())["detections"]) for i in (0, 1))
 
 
 @pytest.mark.parametrize("options,message", [
