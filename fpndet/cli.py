@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--score-thresh", type=float, default=None,
                     help="override the model's score threshold (default: the model's own, 0.05 for fpndet and "
                          "torchvision models; COCO AP wants a low threshold)")
-    ev.add_argument("--diagnostics-thresh", type=float, default=0.3, metavar="SCORE",
+    ev.add_argument("--diagnostics-thresh", type=float, default=None, metavar="SCORE",
                     help="score threshold of the confusion matrix and of the worst false positives / misses "
                          "pictures written with the metrics (default 0.3, as predict; COCO AP uses every detection)")
     ev.add_argument("--no-diagnostics", action="store_true",
@@ -223,7 +223,7 @@ def cmd_eval(args) -> int:
     from .engine.model_io import weights_file
     from .engine.trainer import resolve_device
 
-    if not 0.0 <= args.diagnostics_thresh <= 1.0:
+    if args.diagnostics_thresh is not None and not 0.0 <= args.diagnostics_thresh <= 1.0:
         from .errors import InputError
 
         raise InputError(None, f"--diagnostics-thresh {args.diagnostics_thresh:g}: expected a score in [0, 1]")

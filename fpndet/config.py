@@ -108,9 +108,10 @@ class EvalConfig:
     max_images: Optional[int] = None
     loss: bool = True  # also compute the validation loss (same pass as the detections) and log it
     # eval/ diagnostics (confusion matrix, per-class PR curves and size table, worst errors) at
-    # this score threshold; false: none written.
+    # this score threshold (null: fpndet.engine.diagnostics.DEFAULT_SCORE_THRESH, 0.3 as predict);
+    # false: none written.
     diagnostics: bool = True
-    diagnostics_thresh: float = 0.3
+    diagnostics_thresh: Optional[float] = None
 
 
 @dataclass

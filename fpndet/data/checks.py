@@ -141,6 +141,9 @@ class KeptImages(Dataset):
     def annotation(self, index: int):
         return self.dataset.annotation(self.keep[index])
 
+    def load(self, index: int):
+        return self.dataset.load(self.keep[index])
+
     def annotation_file(self, index: int):
         return self.dataset.annotation_file(self.keep[index])
 

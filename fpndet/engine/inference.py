@@ -201,7 +201,7 @@ def evaluate_proposals(dataset, proposals, *, out_dir: Optional[Path] = None) ->
 
 def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional[Path] = None,
                         model_class_names=None, model_source=None, diagnostics: bool = True,
-                        diagnostics_thresh: float = DEFAULT_DIAGNOSTICS_THRESH) -> dict:
+                        diagnostics_thresh: Optional[float] = None) -> dict:
     """COCO metrics (pycocotools) for ``detections``; VOC mAP@0.5 too for VOC datasets.
 
     Args:
@@ -220,8 +220,9 @@ def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional
             (confusion matrix, per-class PR curves, per-class AP by size, worst false positives
             and misses, ``diagnostics.json``).
         diagnostics: write the diagnostics (with ``out_dir``); False removes earlier ones there.
-        diagnostics_thresh: score threshold of the confusion matrix and the pictures (default
-            0.3, ``fpndet predict``'s threshold); the COCO metrics use every detection.
+        diagnostics_thresh: score threshold of the confusion matrix and the pictures; None:
+            :data:`~fpndet.engine.diagnostics.DEFAULT_SCORE_THRESH` (0.3, ``fpndet predict``'s
+            threshold). The COCO metrics use every detection.
 
     Returns:
         ``{"metrics": {...}, "per_class_ap": {...}, ...}`` (see :meth:`CocoEvaluator.evaluate`),
@@ -255,7 +256,8 @@ def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional
         if diagnostics:
             report["diagnostics"] = write_diagnostics(dataset, detections, ground_truths, out_dir,
                                                       precision=report.get("precision"), coco_gt=coco_gt,
-                                                      score_thresh=diagnostics_thresh)
+                                                      score_thresh=DEFAULT_DIAGNOSTICS_THRESH if diagnostics_thresh is None
+                                                      else diagnostics_thresh)
         else:
             remove_diagnostics(out_dir)
     return report

@@ -71,6 +71,7 @@ def test_kept_images_is_the_dataset_without_the_others(tmp_path):
     kept = KeptImages(dataset, [0, 2, 5])
     assert len(kept) == 3 and kept.image_ids == [1, 3, 6] and kept.class_names == ["thing"]
     assert kept.annotation(1).image_id == 3 and kept[2][1]["image_id"] == 6
+    assert kept.load(1)[1].image_id == 3  # load maps the index too (it used to reach image 2 of the dataset)
     coco = kept.to_coco()
     assert [im["id"] for im in coco["images"]] == [1, 3, 6]
     assert sorted(a["image_id"] for a in coco["annotations"]) == [1, 3, 6]
