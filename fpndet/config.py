@@ -243,7 +243,7 @@ def reference_anchor_values(cfg: DictConfig) -> dict[str, list[float]]:
     from .modeling.anchors import default_anchor_sizes
 
     values = {"anchor_sizes": default_anchor_sizes(cfg.model.min_level, cfg.model.max_level),
-              "anchor_ratios": [0.5, 1.0, 2.0]}
+              "anchor_ratios": list(ModelConfig().anchor_ratios)}
     return {key: values[key] for key in auto_anchor_fields(cfg)}
 
 
