@@ -18,7 +18,11 @@ Checks before timing:
   negative anchors; RoI heads: all proposals + ground truth), which makes the sampled sets equal
   without replaying random draws; the timed steps then use the normal 256 / 512 sampling.
 
-Run: ``python benchmarks/bench_faster_rcnn.py [--device cuda] [--quick]``. CPU defaults:
+With ``--onnx`` (CPU) fpndet's model is also exported (``fpndet.deploy.export``, dynamic size) and
+run on onnxruntime and OpenVINO in the same interleaved inference timing, each checked against
+torchvision first (one-to-one matching: same label, box within 0.5 px, score within 1e-4).
+
+Run: ``python benchmarks/bench_faster_rcnn.py [--device cuda] [--quick] [--onnx]``. CPU defaults:
 800x1333, inference batches 1 and 8, training batch 2, 3 runs after 1 warm-up (--quick: 320x533,
 batches 1 and 2, training batch 1, 2 runs). CUDA: batches 1 and 8, training batch 8, 20 runs.
 """
@@ -37,7 +41,7 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
 
 from bench_inference import freeze_batch_norms, load_images  # noqa: E402
 from common import (  # noqa: E402
-    apply_threads, base_parser, compare_detections, format_table, report, resolve_device, summary,
+    apply_threads, base_parser, compare_detections, format_table, matched_sets, report, resolve_device, summary,
     synthetic_targets, time_interleaved,
 )
 from fpndet.modeling.torchvision_compat import from_torchvision  # noqa: E402
@@ -142,12 +146,17 @@ def run(args) -> None:
     images_all = [img.to(device) for img in exact_size_images(photos, (min_size, max_size))]
     tv_model, ours = build_models(device, min_size, max_size, args.seed)
 
-    inference_rows, results = [], {"inference": [], "training": None}
+    exported, export_facts = onnx_runners(ours, args) if args.onnx and not on_gpu else ({}, {})
+    inference_rows, onnx_rows, results = [], [], {"inference": [], "training": None, "export": export_facts}
     for batch in batches:
         images = images_all[:batch]
         with torch.inference_mode():
-            agreement = compare_detections(by_score(tv_model(images)), by_score(ours(images), label_offset=1))
+            tv_detections = by_score(tv_model(images))
+            agreement = compare_detections(tv_detections, by_score(ours(images), label_offset=1))
+            onnx_checks = {name: matched_sets(tv_detections, by_score(runner(images), label_offset=1))
+                           for name, runner in exported.items()}
         calls = {"torchvision": lambda: tv_model(images), "fpndet": lambda: ours(images)}
+        calls.update({name: (lambda r=runner: r(images)) for name, runner in exported.items()})
         with torch.inference_mode():
             times = time_interleaved(calls, device=device, repeats=repeats, warmup=warmup)
             memory = {name: peak_memory_mb(device, fn) for name, fn in calls.items()}
@@ -160,7 +169,11 @@ def run(args) -> None:
             _mb(memory["torchvision"]), _mb(memory["fpndet"]),
         ])
         results["inference"].append({"batch": batch, "agreement": agreement, "peak_memory_mb": memory,
-                                     **{n: summary(t) for n, t in times.items()}})
+                                     "onnx_checks": onnx_checks, **{n: summary(t) for n, t in times.items()}})
+        for name, check in onnx_checks.items():
+            ms = summary(times[name])["median_ms"]
+            onnx_rows.append([batch, name, f"{tv_ms / batch:.0f}", f"{ms / batch:.0f}", f"{ms / tv_ms:.2f}x",
+                              "same detections" if check["set_equal"] else f"DIFFERENT: {check['unmatched']} unmatched"])
 
     images = images_all[:train_batch]
     tv_targets = synthetic_targets(batch=train_batch, boxes_per_image=10, num_classes=91,
@@ -191,7 +204,33 @@ def run(args) -> None:
             format_table(["device", "batch", "torchvision ms", "fpndet ms", "tv/fpndet", "max rel Δloss (4 losses)",
                           "tv peak MB", "fpndet peak MB"], training_rows),
     }
+    if onnx_rows:
+        tables[f"Faster R-CNN R50-FPN ONNX export ({export_facts['export_s']:.0f} s, {export_facts['onnx_mib']:.0f} MiB), "
+               f"{size}, median of {repeats}"] = format_table(
+            ["batch", "backend", "torchvision ms/img", "ms/img", "vs torchvision", "answers vs torchvision"], onnx_rows)
     report(NAME, args, device, tables, {"images": source, "min_size": min_size, "max_size": max_size, **results})
+
+
+def onnx_runners(ours: nn.Module, args) -> tuple[dict, dict]:
+    """fpndet's model exported to ONNX (dynamic size) on each installed runtime; the export's facts."""
+    import tempfile
+    import time
+
+    from fpndet.deploy.backends import installed
+    from fpndet.deploy.export import export_onnx
+    from fpndet.deploy.runtime import OnnxDetector
+
+    backends = [b for b in ("onnxruntime", "openvino") if installed(b)]
+    if not backends or not installed("onnx"):
+        return {}, {}
+    path = Path(tempfile.mkdtemp()) / "faster_rcnn.onnx"
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(ours.cpu(), path, class_names=[str(i) for i in range(ours.num_classes)])
+    facts = {"export_s": time.perf_counter() - start, "onnx_mib": path.stat().st_size / 2**20}
+    print(f"exported in {facts['export_s']:.0f} s", flush=True)
+    return {f"fpndet {b}": OnnxDetector(path, backend=b) for b in backends}, facts
 
 
 def _mb(value: float | None) -> str:
@@ -205,6 +244,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="inference batch sizes (default 1 8)")
     parser.add_argument("--train-batch", type=int, default=None, help="training batch (default 2 CPU, 8 CUDA)")
     parser.add_argument("--images", default=None, help="folder of JPEGs (default: coco128 when present)")
+    parser.add_argument("--onnx", action="store_true", help="also time the ONNX export on onnxruntime / OpenVINO (CPU)")
     run(parser.parse_args(argv))
 
 

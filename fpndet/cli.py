@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ins)
 
     ex = sub.add_parser("export", help="write a detector as one ONNX file (pre-processing to NMS)",
-                        description="Export a RetinaNet to ONNX: normalisation, padding to /32, backbone, FPN, "
-                                    "heads, anchors, box decoding, score threshold, top-k and class-wise NMS in "
-                                    "one graph with dynamic batch and image size. Input 'images' [B, 3, H, W], "
+                        description="Export a RetinaNet, Faster R-CNN or RPN to ONNX: normalisation, padding to /32, "
+                                    "backbone, FPN, heads, anchors, box decoding, score threshold, top-k and "
+                                    "class-wise NMS (Faster R-CNN: proposals, RoIAlign at the FPN level of each "
+                                    "RoI, box head) in one graph with dynamic batch and image size. Input 'images' [B, 3, H, W], "
                                     "resized to the model's size (fpndet.modeling.preprocess.resize_image); "
                                     "outputs boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B].")
     ex.add_argument("--weights", required=True, help="run folder, .safetensors or torchvision .pth")
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--raw", action="store_true", help="export head outputs and anchors only (your own post-processing)")
     ex.add_argument("--input-dtype", default="float32", choices=["float32", "uint8"],
                     help="float32: RGB in [0, 1] (default); uint8: RGB in [0, 255]")
+    ex.add_argument("--input-size", default=None, metavar="HxW|max",
+                    help="fix the image size of the graph (batch stays dynamic): HxW, multiples of 32, or 'max' "
+                         "(a square of the model's max_size): every batch is padded to it; exports in seconds "
+                         "where a deep backbone's dynamic-size graph takes many minutes (default: dynamic)")
     ex.add_argument("--score-thresh", type=float, default=None, help="score threshold in the graph (default: the model's)")
     ex.add_argument("--detections", type=int, default=None, help="K, detections per image (default: the model's)")
     ex.add_argument("--check", action="store_true", help="run the export on onnxruntime and compare with PyTorch")
@@ -373,6 +378,19 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def parse_input_size(text: Optional[str], source) -> Optional[object]:
+    """``--input-size``: None, "max" or "HxW" -> None, "max" or (H, W); InputError otherwise."""
+    from .errors import InputError
+
+    if text is None or text == "max":
+        return text
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(source, f"--input-size must be HxW (e.g. 608x608) or 'max', got {text!r}") from None
+    return height, width
+
+
 def cmd_export(args) -> int:
     from .deploy.export import export_onnx
     from .engine.model_io import load_detector, weights_file
@@ -383,9 +401,10 @@ def cmd_export(args) -> int:
     output = Path(args.output) if args.output else source.parent / "model.onnx"
     start = time.perf_counter()
     export_onnx(model, output, class_names=class_names, opset=args.opset, raw=args.raw, input_dtype=args.input_dtype,
-                source=source)
+                input_size=parse_input_size(args.input_size, source), source=source)
     print(f"exported {source} to {output} ({output.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, "
-          f"{'raw head outputs' if args.raw else 'detections'}, input {args.input_dtype}) in "
+          f"{'raw head outputs' if args.raw else 'detections'}, input {args.input_dtype}"
+          f"{', fixed size ' + args.input_size if args.input_size else ''}) in "
           f"{time.perf_counter() - start:.0f} s")
     if args.check and not args.raw:
         from .deploy.benchmark import check_export

@@ -98,9 +98,6 @@ def open_detector(weights: str | Path, *, backend: Optional[str] = "auto", devic
         return detector, names if names or not named_only else None, chosen
     if chosen in ONNX_BACKENDS:  # exported with the model's own settings, the overrides applied after
         model, class_names = load_detector(weights, named_only=named_only)
-        if model.config.arch != "retinanet":
-            raise InputError(weights_file(weights), f"ONNX backends run RetinaNet exports; this is a "
-                             f"{model.config.arch} model: use --backend eager or fast")
         names = class_names or [str(i) for i in range(model.config.num_classes)]
         detector = OnnxDetector(cached_export(weights_file(weights), model, names), backend=chosen)
         if overrides and overrides.get("score_thresh") is not None:

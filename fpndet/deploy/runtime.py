@@ -6,8 +6,9 @@ input image, "scores" [N], "labels" int64 [N]}`` per image, so ``fpndet predict`
 ``fpndet eval --weights model.onnx`` run it unchanged. The images of a call are resized with
 :func:`~fpndet.modeling.preprocess.resize_image` (the eager model's resize, with the export's
 ``min_size`` / ``max_size``) and padded together into one batch
-(:func:`~fpndet.deploy.graph.pad_batch`), as the eager model batches them, and the boxes are
-scaled back by the same float32 ratios as the eager post-processor.
+(:func:`~fpndet.deploy.graph.pad_batch`), as the eager model batches them (or onto the fixed
+canvas of an export with ``input_size``), and the boxes are scaled back by the same float32
+ratios as the eager post-processor.
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ class OnnxDetector:
         self.config = ModelConfig.from_dict(json.loads(meta["model_config"]))
         self.min_size, self.max_size = int(meta["min_size"]), int(meta["max_size"])
         self.input_dtype = meta.get("input_dtype", "float32")
+        self.input_size = tuple(json.loads(meta["input_size"])) if "input_size" in meta else None
         self.postprocessor = ExportedThresholds(self.path, float(meta["score_thresh"]), int(meta["detections_per_image"]))
         self.backend = backend
         self.device = torch.device("cpu")
@@ -154,7 +156,10 @@ class OnnxDetector:
     def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Detections for float ``[3, h, w]`` RGB images in [0, 1] (any sizes; module doc)."""
         images = [image.detach().float().cpu() for image in images]
-        batch, sizes = pad_batch(images, min_size=self.min_size, max_size=self.max_size)
+        try:
+            batch, sizes = pad_batch(images, min_size=self.min_size, max_size=self.max_size, canvas=self.input_size)
+        except ValueError as err:
+            raise InputError(self.path, f"was exported for a fixed input size: {err}") from None
         batch = batch.numpy()
         if self.input_dtype == "uint8":
             batch = np.clip(np.rint(batch * 255.0), 0, 255).astype(np.uint8)

@@ -116,7 +116,7 @@ class FastRCNNPredictor(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cls_score(x), self.bbox_pred(x).view(len(x), -1, 4)
+        return self.cls_score(x), self.bbox_pred(x).unflatten(-1, (-1, 4))
 
 
 class SampledRoIs(NamedTuple):

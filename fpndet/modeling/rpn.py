@@ -12,7 +12,7 @@ divided by the number of sampled anchors of the batch (torchvision).
 Proposals: per level the ``pre_nms_topk`` best anchors (2000 train / 1000 test), decoded,
 clipped, boxes smaller than ``min_size`` removed, score threshold, NMS 0.7 within each (image,
 level), then the best ``post_nms_topk`` (2000 train / 1000 test) per image (torchvision and
-detectron2) or over the whole batch (Detectron1). All images are processed together; the only
+detectron2) or, in training, over the whole batch (Detectron1). All images are processed together; the only
 Python loop is over pyramid levels.
 """
 from __future__ import annotations
@@ -116,8 +116,8 @@ class RegionProposalNetwork(nn.Module):
         box_coder: a :class:`BoxCoder` with weights (1, 1, 1, 1).
         pre_nms_topk: (training, testing) anchors kept per level and image before NMS (2000, 1000).
         post_nms_topk: (training, testing) proposals kept after NMS (2000, 1000).
-        post_nms_topk_per: "image" (torchvision, detectron2) or "batch" (Detectron1: the best
-            ``post_nms_topk`` over all images of the batch).
+        post_nms_topk_per: "image" (torchvision, detectron2) or "batch" (Detectron1: in training the best
+            ``post_nms_topk`` over all images of the batch; per image at test time).
         nms_thresh: IoU threshold of the NMS within each (image, level) (0.7).
         min_size: proposals narrower or lower than this (pixels) are dropped (1e-3).
         score_thresh: proposals need objectness probability ≥ this (0.0).
@@ -198,7 +198,7 @@ class RegionProposalNetwork(nn.Module):
 
         Returns:
             :class:`Proposals` with at most ``post_nms_topk`` real boxes per image (or in all
-            with ``post_nms_topk_per="batch"``), by decreasing objectness.
+            with ``post_nms_topk_per="batch"`` in training), by decreasing objectness.
         """
         objectness, deltas, anchors = outputs.objectness.detach(), outputs.deltas.detach(), outputs.anchors
         batch, device = objectness.shape[0], objectness.device
@@ -214,7 +214,7 @@ class RegionProposalNetwork(nn.Module):
             boxes[image, column], scores[image, column], image * num_levels + level[column], self.nms_thresh
         )
         post = self.post_nms_topk[0 if self.training else 1]
-        if self.post_nms_topk_per == "image":
+        if self.post_nms_topk_per == "image" or not self.training:
             kept = kept[first_n_per_image(image[kept], post)]
         else:
             kept = kept[:post]

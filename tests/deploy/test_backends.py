@@ -7,7 +7,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from fpndet.cli import main
 from fpndet.deploy.backends import open_detector, resolve_backend
-from fpndet.deploy.benchmark import benchmark_backends, format_benchmark
+from fpndet.deploy.benchmark import benchmark_backends, compare, format_benchmark
 from fpndet.deploy.tuning import fold_batch_norms, tune_for_cpu
 from fpndet.engine.checkpoints import save_model_weights
 from fpndet.modeling.build import build_model
@@ -48,9 +48,9 @@ def test_folding_removes_every_batch_norm_of_a_resnet_and_keeps_the_outputs():
     images = [torch.rand(3, 180, 240), torch.rand(3, 200, 150)]
     with torch.no_grad():
         ref, out = model(images), tuned(images)
-    for r, o in zip(ref, out):
-        assert len(r["boxes"]) == len(o["boxes"]) > 0 and torch.equal(r["labels"], o["labels"])
-        assert (r["boxes"] - o["boxes"]).abs().max() < 0.05 and (r["scores"] - o["scores"]).abs().max() < 1e-4
+    assert all(len(r["boxes"]) > 0 for r in ref)
+    # one to one (near-tied scores may swap places with the thread count): label, box within 0.05 px, score 1e-4
+    assert compare(ref, out, box_tol=0.05, score_tol=1e-4)["equal"]
 
 
 def test_auto_backend_choices():

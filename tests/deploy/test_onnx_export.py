@@ -217,3 +217,39 @@ def test_export_options_set_the_graph_threshold_and_k(run, tmp_path):
     with torch.no_grad():
         assert_same(model(images), OnnxDetector(path)(images))
     assert OnnxDetector(path).postprocessor.score_thresh == 0.3
+
+
+def test_fixed_input_size_export(run, tmp_path, capsys):
+    """`--input-size max`: the image axes fixed to a square of max_size (batch still dynamic);
+    every batch is padded to that canvas, where the graph gives PyTorch's detections; an image
+    that does not fit and a bad size are refused with one message."""
+    from fpndet.deploy.graph import RetinaNetGraph
+
+    path = tmp_path / "fixed.onnx"
+    assert main(["export", "--weights", str(run), "--output", str(path), "--input-size", "max"]) == 0
+    proto = __import__("onnx").load(str(path))
+    dims = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 480, 480] and isinstance(dims[0], str)
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["input_size"]) == [480, 480]
+    model, _ = load_detector(run)
+    for images in (real_images("raccoon_portrait", 1), real_images("coco_wide", 2) + real_images("coco_landscape", 1)):
+        batch, sizes = pad_batch(images, min_size=320, max_size=480, canvas=(480, 480))
+        assert batch.shape[-2:] == (480, 480)
+        with torch.no_grad():
+            boxes, scores, labels, counts = RetinaNetGraph(model=model).eval()(batch, sizes)
+        found = OnnxDetector(path)(images)
+        reference = []
+        for i, image in enumerate(images):
+            n = int(counts[i])
+            scale = torch.tensor([image.shape[-1] / sizes[i, 1], image.shape[-2] / sizes[i, 0]]).float().repeat(2)
+            reference.append({"boxes": boxes[i, :n] * scale, "scores": scores[i, :n], "labels": labels[i, :n]})
+        assert sum(len(r["boxes"]) for r in reference) > 0
+        assert_same(reference, found)
+    small = tmp_path / "small.onnx"
+    export_onnx(model, small, class_names=CLASSES, input_size=(320, 320))
+    with pytest.raises(InputError, match="fixed input size"):
+        OnnxDetector(small)(real_images("coco_wide", 1))
+    with pytest.raises(InputError, match="multiples of 32"):
+        export_onnx(model, tmp_path / "bad.onnx", class_names=CLASSES, input_size=(330, 320))
+    assert main(["export", "--weights", str(run), "--output", str(tmp_path / "bad.onnx"), "--input-size", "big"]) == 2
+    assert "--input-size must be HxW" in capsys.readouterr().err

@@ -89,15 +89,17 @@ def test_external_proposals_skip_the_rpn_and_equal_the_rpn_path(data):
     assert set(losses) == {"loss_cls", "loss_box"}
 
 
-def test_post_nms_topk_per_batch_caps_the_whole_batch(data):
+def test_post_nms_topk_per_batch_caps_the_whole_batch_in_training(data):
+    """Detectron1's rule: post_nms_topk over the batch in training, per image at test time."""
     images, _ = data
-    model = small_model("rpn", rpn={"post_nms_topk_test": 50, "post_nms_topk_per": "batch"}).eval()
+    model = small_model("rpn", rpn={"post_nms_topk_train": 50, "post_nms_topk_test": 50, "post_nms_topk_per": "batch"})
     with torch.no_grad():
-        proposals = model(images)
-    assert sum(len(p["boxes"]) for p in proposals) == 50
-    per_image = small_model("rpn", rpn={"post_nms_topk_test": 50}).eval()
-    with torch.no_grad():
-        assert [len(p["boxes"]) for p in per_image(images)] == [50, 50]
+        batch = model.preprocessor(images)
+        outputs = model.rpn.outputs(model.features(batch.tensor), tuple(batch.tensor.shape[-2:]))
+        assert int(model.rpn.train().proposals(outputs, batch.image_sizes).valid.sum()) == 50
+        per_image = model.rpn.eval().proposals(outputs, batch.image_sizes).valid.sum(1)
+        assert per_image.tolist() == [50, 50]
+        assert [len(p["boxes"]) for p in model.eval()(images)] == [50, 50]
 
 
 def test_misuse_is_reported(data):
