@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from bench_inference import build_models, load_images  # noqa: E402
 from common import (  # noqa: E402
-    apply_threads, base_parser, compare_detections, format_table, report, resolve_device, summary,
+    apply_threads, backend_rows, base_parser, compare_detections, format_table, report, resolve_device,
     time_interleaved,
 )
 from fpndet.deploy.backends import installed  # noqa: E402
@@ -80,19 +80,9 @@ def run(args) -> None:
                 fns = {"torchvision eager": lambda: tv_model(chunk)}
                 fns.update({name: (lambda r=runner: r(chunk)) for name, runner in runners.items()})
                 times = time_interleaved(fns, device=device, repeats=repeats, warmup=1)
-            base = summary(times["torchvision eager"])["median_ms"] / batch
-            per_backend = {}
-            for name, values in times.items():
-                ms = summary(values)["median_ms"] / batch
-                check = checks.get(name)
-                verdict = "reference" if check is None else (
-                    "same detections" if check["set_equal"] else
-                    f"DIFFERENT: {check['unmatched']} of {sum(check['counts_reference'])} unmatched, counts "
-                    f"{check['counts_other']} vs {check['counts_reference']}")
-                rows.append([f"{min_size}x{max_size}", batch, name, f"{ms:.0f}", f"{1000 / ms:.2f}", f"{ms / base:.2f}x",
-                             verdict])
-                per_backend[name] = {"ms_per_image": ms, "images_per_s": 1000 / ms, "vs_torchvision": ms / base,
-                                     "times_ms": values, "check": check}
+            batch_rows, per_backend = backend_rows(times, checks, batch=batch, reference="torchvision eager",
+                                                   ratio_key="vs_torchvision", prefix=[f"{min_size}x{max_size}", batch])
+            rows += batch_rows
             results["batches"][str(batch)] = per_backend
     table = format_table(["size", "batch", "backend", "ms/image", "images/s", "vs torchvision", "answers vs torchvision"],
                          rows)

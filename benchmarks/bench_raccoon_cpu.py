@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import (  # noqa: E402
-    apply_threads, base_parser, compare_detections, format_table, report, resolve_device, summary,
+    apply_threads, backend_rows, base_parser, compare_detections, format_table, report, resolve_device,
     time_interleaved,
 )
 from fpndet.data.images import load_image  # noqa: E402
@@ -80,18 +80,9 @@ def run(args) -> None:
                           if name != "eager"}
                 fns = {name: (lambda r=runner: r(chunk)) for name, runner in runners.items()}
                 times = time_interleaved(fns, device=device, repeats=repeats, warmup=1)
-            base = summary(times["eager"])["median_ms"] / batch
-            per_backend = {}
-            for name, values in times.items():
-                ms = summary(values)["median_ms"] / batch
-                check = checks.get(name)
-                verdict = "reference" if check is None else (
-                    "same detections" if check["set_equal"] else
-                    f"{check['unmatched']} of {sum(check['counts_reference'])} unmatched, counts "
-                    f"{check['counts_other']} vs {check['counts_reference']}")
-                rows.append([batch, name, f"{ms:.0f}", f"{1000 / ms:.1f}", f"{ms / base:.2f}x", verdict])
-                per_backend[name] = {"ms_per_image": ms, "images_per_s": 1000 / ms, "vs_eager": ms / base,
-                                     "times_ms": values, "check": check}
+            batch_rows, per_backend = backend_rows(times, checks, batch=batch, reference="eager", ratio_key="vs_eager",
+                                                   prefix=[batch])
+            rows += batch_rows
             results["batches"][str(batch)] = per_backend
     table = format_table(["batch", "backend", "ms/image", "images/s", "vs eager", "detections vs eager"], rows)
     export_line = (f"fixed-size ONNX export: {facts['export_s']:.0f} s, {facts['onnx_mib']:.0f} MiB" if facts

@@ -340,3 +340,26 @@ def compare_detections(reference: Sequence[dict[str, Tensor]], other: Sequence[d
         "label_agreement": same_labels / total if total else 1.0,
         **matched_sets(reference, other),
     }
+
+
+def backend_rows(times: dict[str, Sequence[float]], checks: dict[str, dict], *, batch: int, reference: str,
+                 ratio_key: str, prefix: Sequence[Any] = ()) -> tuple[list[list[Any]], dict[str, dict]]:
+    """Table rows and JSON entries of backends timed together (``times``: name -> call times in
+    ms for ``batch`` images; ``checks``: name -> :func:`compare_detections` against the
+    ``reference`` backend, absent for the reference itself). A row: ``[*prefix, name, ms/image,
+    images/s, ratio to the reference, verdict]``; an entry: ms_per_image, images_per_s,
+    ``ratio_key``, times_ms and check."""
+    base = summary(times[reference])["median_ms"] / batch
+    rows, entries = [], {}
+    for name, values in times.items():
+        ms = summary(values)["median_ms"] / batch
+        check = checks.get(name)
+        verdict = "reference" if check is None else (
+            "same detections" if check["set_equal"] else
+            f"DIFFERENT: {check['unmatched']} of {sum(check['counts_reference'])} unmatched, counts "
+            f"{check['counts_other']} vs {check['counts_reference']}")
+        rows.append([*prefix, name, f"{ms:.0f}", f"{1000 / ms:.2f}", f"{ms / base:.2f}x", verdict])
+        entries[name] = {"ms_per_image": ms, "images_per_s": 1000 / ms, ratio_key: ms / base, "times_ms": values,
+                         "check": check}
+    return rows, entries
+

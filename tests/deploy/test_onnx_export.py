@@ -64,6 +64,26 @@ def real_images(name: str, count: int) -> list[torch.Tensor]:
     return [load_image(folder / f)[:, :height, :width].float().div(255) for f in files[:count]]
 
 
+def parity_images(size: str, batch: int) -> list[torch.Tensor]:
+    """``batch`` real images of one of SIZES, or "mixed": a landscape, a portrait, a wide and a
+    landscape image padded into one batch."""
+    if size == "mixed":
+        return ([real_images(name, 2)[-1] for name in SIZES] + real_images("coco_landscape", 1))[:batch]
+    return real_images(size, batch)
+
+
+def assert_export_equals_eager(run, size: str, batch: int, backend: str) -> None:
+    """The run's model.onnx on ``backend`` gives the eager model's detections (some found)."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    model, _ = load_detector(run)
+    images = parity_images(size, batch)
+    with torch.no_grad():
+        reference = model(images)
+    assert sum(len(r["boxes"]) for r in reference) > 0
+    assert_same(reference, OnnxDetector(run / "model.onnx", backend=backend)(images))
+
+
 def assert_same(reference, found):
     assert len(reference) == len(found)
     for ref, out in zip(reference, found):
@@ -78,18 +98,7 @@ def assert_same(reference, found):
 @pytest.mark.parametrize("batch", [1, 2, 4])
 @pytest.mark.parametrize("size", [*SIZES, "mixed"])
 def test_export_gives_the_eager_detections(run, size, batch, backend):
-    if backend == "openvino":
-        pytest.importorskip("openvino")
-    model, _ = load_detector(run)
-    if size == "mixed":  # a landscape, a portrait, a wide and a landscape image padded into one batch
-        images = [real_images(name, 2)[-1] for name in SIZES] + real_images("coco_landscape", 1)
-        images = images[:batch]
-    else:
-        images = real_images(size, batch)
-    with torch.no_grad():
-        reference = model(images)
-    assert sum(len(r["boxes"]) for r in reference) > 0
-    assert_same(reference, OnnxDetector(run / "model.onnx", backend=backend)(images))
+    assert_export_equals_eager(run, size, batch, backend)
 
 
 def test_graph_batches_in_one_call_with_fixed_rank_outputs(run):

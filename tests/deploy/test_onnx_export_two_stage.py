@@ -18,11 +18,10 @@ from fpndet.deploy.faster_rcnn_graph import strict_threshold  # noqa: E402
 from fpndet.deploy.graph import pad_batch  # noqa: E402
 from fpndet.deploy.runtime import OnnxDetector  # noqa: E402
 from fpndet.engine.checkpoints import save_model_weights  # noqa: E402
-from fpndet.engine.model_io import load_detector  # noqa: E402
 from fpndet.errors import InputError  # noqa: E402
 from fpndet.modeling.build import build_model  # noqa: E402
 from fpndet.modeling.config import named_config  # noqa: E402
-from tests.deploy.test_onnx_export import SIZES, assert_same, real_images  # noqa: E402
+from tests.deploy.test_onnx_export import SIZES, assert_export_equals_eager, real_images  # noqa: E402
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -63,17 +62,7 @@ def run(tmp_path_factory):
 @pytest.mark.parametrize("batch", [1, 2, 4])
 @pytest.mark.parametrize("size", [*SIZES, "mixed"])
 def test_faster_rcnn_export_gives_the_eager_detections(run, size, batch, backend):
-    if backend == "openvino":
-        pytest.importorskip("openvino")
-    model, _ = load_detector(run)
-    if size == "mixed":  # a landscape, a portrait, a wide and a landscape image padded into one batch
-        images = ([real_images(name, 2)[-1] for name in SIZES] + real_images("coco_landscape", 1))[:batch]
-    else:
-        images = real_images(size, batch)
-    with torch.no_grad():
-        reference = model(images)
-    assert sum(len(r["boxes"]) for r in reference) > 0
-    assert_same(reference, OnnxDetector(run / "model.onnx", backend=backend)(images))
+    assert_export_equals_eager(run, size, batch, backend)
 
 
 def test_faster_rcnn_graph_outputs_are_fixed_rank_and_padded(run):
