@@ -19,7 +19,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 from bench_inference import build_models, load_images  # noqa: E402
 from common import (  # noqa: E402
     apply_threads, backend_rows, base_parser, compare_detections, format_table, report, resolve_device,
-    time_interleaved,
+    run_quietly, time_interleaved,
 )
 from fpndet.deploy.backends import installed  # noqa: E402
 
@@ -96,10 +95,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--candidates", type=int, default=2000, help="scores per image above 0.05 after calibration")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
-    args = parser.parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run(args)
+    run_quietly(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,7 +25,7 @@ import torch  # noqa: E402
 
 from common import (  # noqa: E402
     apply_threads, backend_rows, base_parser, compare_detections, format_table, report, resolve_device,
-    time_interleaved,
+    run_quietly, time_interleaved,
 )
 from fpndet.data.images import load_image  # noqa: E402
 from fpndet.deploy.backends import installed  # noqa: E402
@@ -97,10 +96,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dynamic-export", default=None,
                         help="a dynamic-size export of the same weights (`fpndet export`; ~20 min for this backbone) to time too")
-    args = parser.parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run(args)
+    run_quietly(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

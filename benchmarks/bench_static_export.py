@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,7 +19,7 @@ import torch  # noqa: E402
 from bench_inference import build_models, load_images  # noqa: E402
 from common import (  # noqa: E402
     apply_threads, backend_rows, base_parser, compare_detections, format_table, report, resolve_device,
-    time_interleaved,
+    run_quietly, time_interleaved,
 )
 from fpndet.deploy.backends import installed  # noqa: E402
 
@@ -66,10 +65,7 @@ def main(argv=None) -> None:
     parser = base_parser(NAME, __doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=800, help="short side (long side 1333/800 of it)")
     parser.add_argument("--candidates", type=int, default=2000, help="scores per image above 0.05 after calibration")
-    args = parser.parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run(args)
+    run_quietly(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -363,3 +363,13 @@ def backend_rows(times: dict[str, Sequence[float]], checks: dict[str, dict], *, 
                          "check": check}
     return rows, entries
 
+
+def run_quietly(run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """``run(args)`` with warnings silenced (the exporters' and torchvision's notices would bury
+    the tables)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(args)
+

@@ -140,11 +140,12 @@ def export_onnx(
     input_size = fixed_input_size(model, input_size, source)
     example = example_inputs(model, input_dtype, input_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    low, high = min_input_side(model) // PAD_TO, 16384 // PAD_TO
-    dims = ({0: batch, 2: PAD_TO * torch.export.Dim("height_32", min=low, max=high),
-             3: PAD_TO * torch.export.Dim("width_32", min=low, max=high)}, {0: batch})
-    if input_size:
-        dims = ({0: batch}, {0: batch})
+    image_dims = {0: batch}
+    if not input_size:
+        low, high = min_input_side(model) // PAD_TO, 16384 // PAD_TO
+        image_dims.update({2: PAD_TO * torch.export.Dim("height_32", min=low, max=high),
+                           3: PAD_TO * torch.export.Dim("width_32", min=low, max=high)})
+    dims = (image_dims, {0: batch})
     names = RAW_OUTPUTS if raw else DETECTION_OUTPUTS
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -12,9 +12,10 @@ outputs are those of :class:`~fpndet.deploy.graph.RetinaNetGraph`:
    (:mod:`fpndet.deploy.nms_op`, ONNX ``NonMaxSuppression`` with the level as the class); the
    ``post_nms_topk`` best per image, padded to ``post_nms_topk`` with a validity mask;
 3. Fast R-CNN (§4.2): every RoI pooled 7x7 from its level k = ⌊k0 + log2(√(wh)/224)⌋ (FPN
-   eq. 1). The level is chosen by masks, with no data-dependent branch: RoIAlign runs over all
-   RoIs at each of P2-P5 and each RoI keeps the result of its own level (4x the RoIAlign work,
-   a small part of the whole); box head, predictor, softmax, class-specific decoding, clipping;
+   eq. 1). The level is chosen by masks, with no data-dependent branch
+   (:meth:`~fpndet.modeling.poolers.MultiLevelRoIAlign.pool_by_masks`: RoIAlign over all RoIs at
+   each of P2-P5, each RoI keeping its own level's result; 4x the RoIAlign work, a small part of
+   the whole); box head, predictor, softmax, class-specific decoding, clipping;
    candidates with score > ``score_thresh`` and both sides ≥ ``min_size`` enter class-wise NMS;
 4. the ``detections_per_image`` best per image, padded (:func:`~fpndet.deploy.graph.padded_best`).
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from ..modeling.box_ops import boxes_at_least, clip_boxes
 from . import nms_op  # noqa: F401  (registers torch.ops.fpndet.multiclass_nms)
@@ -96,28 +96,11 @@ class FasterRCNNGraph(nn.Module):
                                                kept, rpn.post_nms_topk[1])
         return boxes, scores, labels >= 0
 
-    def pool(self, features: list[Tensor], boxes: Tensor) -> Tensor:
-        """RoIAlign of every RoI of ``boxes [B, P, 4]`` at its FPN eq. 1 level, chosen by masks:
-        ``[B * P, C, S, S]``."""
-        pooler = self.model.roi_heads.pooler
-        batch, count = boxes.shape[0], boxes.shape[1]
-        flat = boxes.reshape(-1, 4)
-        image = torch.arange(batch, device=boxes.device).repeat_interleave(count).to(flat.dtype)
-        rois = torch.cat([image[:, None], flat], dim=1)
-        levels = pooler.roi_levels(flat)[:, None, None, None]
-        size = (pooler.output_size, pooler.output_size)
-        pooled = None
-        for level, feature in zip(pooler.levels, features):
-            at_level = roi_align(feature, rois, output_size=size, spatial_scale=2.0**-level,
-                                 sampling_ratio=pooler.sampling_ratio, aligned=pooler.aligned)
-            pooled = at_level if pooled is None else torch.where(levels == level, at_level, pooled)
-        return pooled
-
     def detections(self, features: list[Tensor], rois: Tensor, valid: Tensor, sizes: Tensor):
         """Fast R-CNN on the padded RoIs ``[B, P, 4]`` (``valid [B, P]``) -> the padded outputs."""
         heads = self.model.roi_heads
         batch, count = rois.shape[0], rois.shape[1]
-        logits, deltas = heads.predictor(heads.box_head(self.pool(features, rois)))
+        logits, deltas = heads.predictor(heads.box_head(heads.pooler.pool_by_masks(features, rois)))
         num_classes = logits.shape[-1] - 1
         scores = torch.softmax(logits.float(), dim=-1)[:, 1:].reshape(batch, count * num_classes)
         boxes = heads.box_coder.decode(deltas[:, 1:], rois.reshape(-1, 1, 4)).reshape(batch, count * num_classes, 4)

@@ -121,15 +121,32 @@ class MultiLevelRoIAlign(nn.Module):
         rois = torch.cat([image_index.to(flat.dtype)[:, None], flat], dim=1)
         levels = self.roi_levels(flat)
         first = features[0]
-        size = (self.output_size, self.output_size)
-        result = first.new_zeros((len(rois), first.shape[1], *size))
+        result = first.new_zeros((len(rois), first.shape[1], self.output_size, self.output_size))
         for level, feature in zip(self.levels, features):
             index = torch.nonzero(levels == level).squeeze(1)
             if index.numel() == 0:
                 continue
-            pooled = roi_align(
-                feature, rois[index], output_size=size, spatial_scale=2.0**-level,
-                sampling_ratio=self.sampling_ratio, aligned=self.aligned,
-            )
-            result[index] = pooled.to(result.dtype)
+            result[index] = self.align(feature, rois[index], level).to(result.dtype)
         return result
+
+    def align(self, feature: Tensor, rois: Tensor, level: int) -> Tensor:
+        """RoIAlign of ``rois [M, 5]`` (image index, x1, y1, x2, y2) on the map of ``level``."""
+        size = (self.output_size, self.output_size)
+        return roi_align(feature, rois, output_size=size, spatial_scale=2.0**-level,
+                         sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+
+    def pool_by_masks(self, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
+        """The same pooling as ``forward`` for every RoI of a padded ``boxes [B, N, 4]``, written
+        without data-dependent sizes (for ONNX export): RoIAlign runs on all B*N RoIs at every
+        level and each keeps the result of its own level. Returns ``[B * N, C, S, S]``, row-major
+        over ``[B, N]``; 4x the RoIAlign work of ``forward`` on P2-P5."""
+        batch, count = boxes.shape[0], boxes.shape[1]
+        flat = boxes.reshape(-1, 4)
+        image = torch.arange(batch, device=boxes.device).repeat_interleave(count).to(flat.dtype)
+        rois = torch.cat([image[:, None], flat], dim=1)
+        levels = self.roi_levels(flat)[:, None, None, None]
+        pooled = None
+        for level, feature in zip(self.levels, features):
+            at_level = self.align(feature, rois, level)
+            pooled = at_level if pooled is None else torch.where(levels == level, at_level, pooled)
+        return pooled

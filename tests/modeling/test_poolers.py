@@ -56,3 +56,18 @@ def test_pooler_checks_its_inputs():
         MultiLevelRoIAlign(levels=(2, 4))
     with pytest.raises(ValueError, match="expected 4 feature maps"):
         MultiLevelRoIAlign()([torch.zeros(1, 1, 8, 8)], [torch.zeros(0, 4)])
+
+
+def test_pool_by_masks_equals_the_pooler_on_every_real_roi():
+    """The export's mask-selected pooling gives ``forward``'s features for each real RoI of a padded batch."""
+    torch.manual_seed(0)
+    pooler = MultiLevelRoIAlign(levels=(2, 3, 4, 5))
+    features = [torch.rand(2, 8, 128 // 2**k, 160 // 2**k) for k in range(4)]
+    xy = torch.rand(2, 30, 2) * torch.tensor([400.0, 300.0])
+    wh = torch.rand(2, 30, 2) * 500 + 2  # 2..502 px: every level from P2 to P5
+    boxes = torch.cat([xy, xy + wh], dim=-1)
+    valid = torch.rand(2, 30) > 0.3
+    assert pooler.roi_levels(boxes[valid]).unique().tolist() == [2, 3, 4, 5]
+    dense = pooler.pool_by_masks(features, boxes)
+    assert dense.shape == (60, 8, 7, 7)
+    assert torch.equal(dense[valid.reshape(-1)], pooler(features, boxes, valid))
