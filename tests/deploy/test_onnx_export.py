@@ -14,6 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from fpndet.cli import main  # noqa: E402
 from fpndet.data.images import load_image  # noqa: E402
+from fpndet.deploy.benchmark import compare  # noqa: E402
 from fpndet.deploy.export import export_onnx  # noqa: E402
 from fpndet.deploy.graph import pad_batch  # noqa: E402
 from fpndet.deploy.runtime import OnnxDetector  # noqa: E402
@@ -33,11 +34,11 @@ SIZES = {
 }
 
 
-def tiny_model() -> torch.nn.Module:
+def tiny_model(head_norm: str | None = None) -> torch.nn.Module:
     """A small ResNet-18 RetinaNet whose scores spread around the threshold on real photos."""
     torch.manual_seed(0)
     config = ModelConfig(num_classes=len(CLASSES), backbone="resnet18", fpn_channels=32, min_size=[320], max_size=480,
-                         retinanet={"head_channels": 32, "head_depth": 1})
+                         retinanet={"head_channels": 32, "head_depth": 1, "head_norm": head_norm})
     model = build_model(config).eval()
     with torch.no_grad():
         model.head.cls_logits.bias.fill_(-2.5)
@@ -85,13 +86,11 @@ def assert_export_equals_eager(run, size: str, batch: int, backend: str) -> None
 
 
 def assert_same(reference, found):
+    """Same detections per image: counts, and one to one (near-tied scores may swap places) the
+    labels, boxes within 0.5 px and scores within 1e-4."""
     assert len(reference) == len(found)
-    for ref, out in zip(reference, found):
-        assert len(ref["boxes"]) == len(out["boxes"])
-        assert torch.equal(ref["labels"], out["labels"])
-        if len(ref["boxes"]):
-            assert (ref["boxes"] - out["boxes"]).abs().max() <= 0.5
-            assert (ref["scores"] - out["scores"]).abs().max() <= 1e-4
+    check = compare(reference, found, box_tol=0.5, score_tol=1e-4)
+    assert check["equal"], check
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -99,6 +98,22 @@ def assert_same(reference, found):
 @pytest.mark.parametrize("size", [*SIZES, "mixed"])
 def test_export_gives_the_eager_detections(run, size, batch, backend):
     assert_export_equals_eager(run, size, batch, backend)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_group_norm_heads_export(tmp_path, backend):
+    """GroupNorm heads (``head_norm: group``, the raccoon and shapes configs): their statistics
+    span the padded feature maps, so the graph must pad as eager does; a mixed batch of four."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    model = tiny_model(head_norm="group")
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.head.modules())
+    path = export_onnx(model, tmp_path / "group_norm.onnx", class_names=CLASSES)
+    images = parity_images("mixed", 4)
+    with torch.no_grad():
+        reference = model(images)
+    assert sum(len(r["boxes"]) for r in reference) > 0
+    assert_same(reference, OnnxDetector(path, backend=backend)(images))
 
 
 def test_graph_batches_in_one_call_with_fixed_rank_outputs(run):
