@@ -67,7 +67,7 @@ class RetinaNetGraph(nn.Module):
         model = self.model
         x = normalise_padded(images, image_sizes, model.preprocessor)
         features = model.fpn(model.backbone(x))
-        cls_logits, box_deltas = model.head.per_level(features)
+        cls_logits, box_deltas = model.head.per_level(features, image_sizes)
         anchors = pyramid_anchors(model.anchor_generator, (x.shape[-2], x.shape[-1]), features)
         if self.raw:
             return torch.cat(cls_logits, 1), torch.cat(box_deltas, 1), torch.cat(anchors)

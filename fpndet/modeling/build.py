@@ -169,6 +169,7 @@ def build_retinanet(config: ModelConfig) -> RetinaNet:
             in_channels=config.fpn_channels, num_anchors=config.num_anchors_per_location,
             num_classes=config.num_classes, background_logit=softmax, channels=head_cfg.head_channels,
             depth=head_cfg.head_depth, norm=head_cfg.head_norm, prior_prob=head_cfg.prior_prob,
+            strides=[2**level for level in range(config.min_level, config.max_level + 1)],
         ),
         anchor_generator=build_anchor_generator(config),
         criterion=RetinaNetCriterion(

@@ -50,7 +50,9 @@ class RetinaNetConfig:
     # Heads (§4 "Classification Subnet", "Box Regression Subnet").
     head_channels: int = 256
     head_depth: int = 4
-    head_norm: Optional[str] = None  # None or "group" (GroupNorm(32), torchvision v2)
+    # None, "group" (GroupNorm(32) over the padded map, torchvision v2) or "group_masked" (statistics
+    # over each image's own cells, so detections do not depend on the batch's padding).
+    head_norm: Optional[str] = None
     prior_prob: float = 0.01
 
     # Matching (§4 "Training"): IoU >= 0.5 foreground, < 0.4 background, between ignored.
@@ -80,7 +82,7 @@ class RetinaNetConfig:
             (self.box_loss in BOX_LOSSES, f"box_loss must be one of {BOX_LOSSES}"),
             (self.loss_normalization in LOSS_NORMALIZATIONS,
              f"loss_normalization must be one of {LOSS_NORMALIZATIONS}"),
-            (self.head_norm in (None, "group"), "head_norm must be null or 'group'"),
+            (self.head_norm in (None, "group", "group_masked"), "head_norm must be null, 'group' or 'group_masked'"),
             (0.0 < self.prior_prob < 1.0, "prior_prob must be in (0, 1)"),
             (self.background_iou <= self.foreground_iou, "background_iou must be <= foreground_iou"),
         ])

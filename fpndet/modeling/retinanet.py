@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
@@ -77,10 +78,16 @@ class RetinaNet(nn.Module):
         self.criterion = criterion
         self.postprocessor = postprocessor
 
-    def head_outputs(self, batch_tensor: Tensor) -> HeadOutputs:
-        """Backbone, FPN, heads and anchors for a normalised, padded ``[B, 3, H, W]`` batch."""
+    def head_outputs(
+        self, batch_tensor: Tensor, image_sizes: Optional[Sequence[tuple[int, int]]] = None
+    ) -> HeadOutputs:
+        """Backbone, FPN, heads and anchors for a normalised, padded ``[B, 3, H, W]`` batch whose
+        images have the (h, w) ``image_sizes`` (needed by "group_masked" heads; None: no padding)."""
         features = self.fpn(self.backbone(batch_tensor))
-        cls_logits, box_deltas = self.head(features)
+        sizes = None
+        if self.head.masked_norm and image_sizes is not None:
+            sizes = torch.tensor(image_sizes, dtype=torch.int64, device=batch_tensor.device).reshape(-1, 2)
+        cls_logits, box_deltas = self.head(features, sizes)
         anchors, counts = self.anchor_generator(
             tuple(batch_tensor.shape[-2:]), [tuple(f.shape[-2:]) for f in features]
         )
@@ -103,7 +110,7 @@ class RetinaNet(nn.Module):
         if targets is not None:
             check_targets(targets, self.config.num_classes)
         batch = self.preprocessor(images, targets)
-        outputs = self.head_outputs(batch.tensor)
+        outputs = self.head_outputs(batch.tensor, batch.image_sizes)
         if self.training:
             return self.losses(batch, outputs)
         detections = self.detect(batch, outputs)

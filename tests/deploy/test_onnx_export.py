@@ -102,14 +102,16 @@ def test_export_gives_the_eager_detections(run, size, batch, backend):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_group_norm_heads_export(tmp_path, backend):
-    """GroupNorm heads (``head_norm: group``, the raccoon and shapes configs): their statistics
-    span the padded feature maps, so the graph must pad as eager does; a mixed batch of four."""
+    """GroupNorm heads whose statistics leave out the batch padding (``head_norm: group_masked``,
+    the shapes config): the graph builds each image's masks from ``image_sizes`` as
+    eager does from the batch; a mixed batch of four, whose images pad each other."""
     if backend == "openvino":
         pytest.importorskip("openvino")
-    model = tiny_model(head_norm="group")
+    model = tiny_model(head_norm="group_masked")
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.head.modules())
     path = export_onnx(model, tmp_path / "group_norm.onnx", class_names=CLASSES)
     images = parity_images("mixed", 4)
+    assert len({tuple(image.shape[-2:]) for image in images}) > 1
     with torch.no_grad():
         reference = model(images)
     assert sum(len(r["boxes"]) for r in reference) > 0

@@ -13,7 +13,7 @@ from fpndet.modeling.box_coder import BoxCoder
 from fpndet.modeling.build import build_model
 from fpndet.modeling.config import ModelConfig, RetinaNetConfig, named_config
 from fpndet.modeling.fpn import FeaturePyramid
-from fpndet.modeling.heads import RetinaNetHead
+from fpndet.modeling.heads import RetinaNetHead, level_masks, masked_group_norm
 from fpndet.modeling.postprocess import DetectionPostprocessor
 from fpndet.modeling.retinanet import LossesAndDetections
 from fpndet.modeling.weights import load_matching_weights
@@ -231,6 +231,91 @@ def test_head_initialisation():
     assert float(head.box_deltas.bias.abs().max()) == 0.0
     cls, box = head([torch.randn(2, 64, 8, 8), torch.randn(2, 64, 4, 4)])
     assert cls.shape == (2, 80 * 9, 80) and box.shape == (2, 80 * 9, 4)
+
+
+def test_masked_group_norm_ignores_the_padding():
+    """Statistics over the image's cells only: equal to nn.GroupNorm on the crop, whatever the
+    padding holds; equal to nn.GroupNorm where nothing is padded."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(8, 32)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 32, 10, 14)
+    x[0, :, 7:, :] = 50.0  # image 0 is 7x9 cells: its padding holds large values
+    x[0, :, :, 9:] = -30.0
+    mask = level_masks(torch.tensor([[56, 72], [80, 112]]), [(10, 14)], [8])[0]
+    assert mask.shape == (2, 1, 10, 14) and int(mask[0].sum()) == 63 and bool(mask[1].all())
+    out = masked_group_norm(x, mask, norm)
+    assert torch.allclose(out[:1, :, :7, :9], norm(x[:1, :, :7, :9]), atol=1e-5)
+    assert torch.allclose(out[1:], norm(x[1:]), atol=1e-5)
+    assert not torch.allclose(norm(x)[:1, :, :7, :9], norm(x[:1, :, :7, :9]), atol=1e-2)  # plain GN sees the padding
+
+
+def test_level_masks_follow_stride_two_convolutions():
+    """ceil(h / 2^l) rows on P_l: what a stack of stride-2 convs (padding 1) keeps of an image."""
+    sizes = torch.tensor([[100, 37], [128, 128]])
+    shapes = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    masks = level_masks(sizes, shapes, [8, 16, 32, 64, 128])
+    for mask, (h, w), stride in zip(masks, shapes, [8, 16, 32, 64, 128]):
+        rows, cols = math.ceil(100 / stride), math.ceil(37 / stride)
+        assert int(mask[0, 0].any(1).sum()) == rows and int(mask[0, 0].any(0).sum()) == cols
+        assert int(mask[0].sum()) == rows * cols and bool(mask[1].all())
+    image = torch.zeros(1, 1, 100, 37)
+    for stride, mask in zip([8, 16, 32, 64, 128], masks):  # compare with real stride-2 convs
+        steps = int(math.log2(stride))
+        y = image
+        for _ in range(steps):
+            y = torch.nn.functional.conv2d(y, torch.ones(1, 1, 3, 3), stride=2, padding=1)
+        assert tuple(y.shape[-2:]) == (math.ceil(100 / stride), math.ceil(37 / stride))
+
+
+@pytest.mark.parametrize("norm", ["group", "group_masked"])
+def test_group_masked_heads_do_not_depend_on_the_batch_padding(norm):
+    """An image's head outputs alone and beside a larger image (its maps padded with features of
+    the padding): equal on every cell of the image with "group_masked" (the padding is zeroed and
+    left out of the statistics); with "group" not even away from the border (statistics)."""
+    torch.manual_seed(0)
+    head = RetinaNetHead(in_channels=32, num_anchors=1, num_classes=2, channels=32, depth=2, norm=norm,
+                         strides=[8, 16]).eval()
+    alone = [torch.randn(1, 32, 7, 9), torch.randn(1, 32, 4, 5)]  # a 56x72 image on P3, P4
+    padded = [torch.randn(2, 32, 10, 14) * 3 + 2, torch.randn(2, 32, 5, 7) * 3 + 2]
+    for small, big in zip(alone, padded):
+        big[:1, :, : small.shape[2], : small.shape[3]] = small
+    sizes = torch.tensor([[56, 72], [80, 112]])
+    with torch.no_grad():
+        cls_alone, _ = head.per_level(alone, sizes[:1])
+        cls_batch, _ = head.per_level(padded, sizes)
+    margin = 0 if norm == "group_masked" else 3  # "group": also away from what the 3x3 convs see across
+    inner_alone = cls_alone[0].reshape(7, 9, 2)[: 7 - margin, : 9 - margin]
+    inner_batch = cls_batch[0][:1].reshape(10, 14, 2)[: 7 - margin, : 9 - margin]
+    same = torch.allclose(inner_alone, inner_batch, atol=1e-4)
+    assert same == (norm == "group_masked"), float((inner_alone - inner_batch).abs().max())
+    if norm == "group_masked":  # P4 too
+        assert torch.allclose(cls_alone[1][0].reshape(4, 5, 2), cls_batch[1][:1].reshape(5, 7, 2)[:4, :5], atol=1e-4)
+
+
+def test_group_masked_option_reaches_the_model_heads():
+    """``model.retinanet.head_norm=group_masked`` through build_model: same weights as "group",
+    same head outputs for the image the batch does not pad (128x160), different for the padded one."""
+    torch.manual_seed(0)
+    plain = build_model(tiny(head_norm="group")).eval()
+    masked = build_model(tiny(head_norm="group_masked")).eval()
+    masked.load_state_dict(plain.state_dict())
+    assert masked.head.masked_norm and masked.head.strides == [8, 16, 32, 64, 128]
+    batch = masked.preprocessor([torch.rand(3, 128, 160), torch.rand(3, 96, 96)])
+    assert batch.image_sizes == [(128, 160), (128, 128)] and tuple(batch.tensor.shape[-2:]) == (128, 160)
+    with torch.no_grad():
+        a = plain.head_outputs(batch.tensor, batch.image_sizes).cls_logits
+        b = masked.head_outputs(batch.tensor, batch.image_sizes).cls_logits
+    assert torch.allclose(a[0], b[0], atol=1e-5)
+    assert not torch.allclose(a[1], b[1], atol=1e-3)
+
+
+def test_group_masked_heads_need_strides():
+    with pytest.raises(ValueError, match="strides"):
+        RetinaNetHead(in_channels=32, num_anchors=1, num_classes=2, norm="group_masked")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        RetinaNetHead(in_channels=32, num_anchors=1, num_classes=2, norm="batch")
 
 
 def test_from_torchvision_with_another_class_count_skips_classifier():
