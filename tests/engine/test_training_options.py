@@ -98,7 +98,8 @@ def test_data_group_aspect_ratio_switches_grouping_in_the_training_loader(raccoo
     orientation = aspect_ratio_groups(dataset)
 
     def mixed_batches(grouped: bool) -> int:
-        cfg = load_config("raccoon", [f"data.train={raccoon_dir}", f"data.group_aspect_ratio={grouped}"])
+        cfg = load_config("raccoon", [f"data.train={raccoon_dir}", f"data.group_aspect_ratio={grouped}",
+                                      "train.batch_size=8"])
         _, sampler, _ = make_train_loader(dataset, cfg, DistInfo())
         found = batches(sampler, 0)
         assert len(found) == 20  # 160 images / 8: the epoch length does not depend on the option
