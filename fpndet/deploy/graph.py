@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..modeling.box_ops import clip_boxes
+from ..modeling.preprocess import valid_region
 from . import nms_op  # noqa: F401  (registers torch.ops.fpndet.multiclass_nms)
 
 PAD_TO = 32
@@ -120,9 +121,7 @@ def normalise_padded(images: Tensor, image_sizes: Tensor, preprocessor: nn.Modul
     ``image_sizes [B, 2]`` (the eager pre-processor pads the normalised image with zeros)."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     x = (x - preprocessor.pixel_mean) / preprocessor.pixel_std
-    rows = torch.arange(x.shape[-2], device=x.device)[None, :] < image_sizes[:, :1]
-    cols = torch.arange(x.shape[-1], device=x.device)[None, :] < image_sizes[:, 1:]
-    return x * (rows[:, :, None] & cols[:, None, :])[:, None].to(x.dtype)
+    return x * valid_region(image_sizes, x.shape[-2], x.shape[-1]).to(x.dtype)
 
 
 def pyramid_anchors(generator: nn.Module, padded_size, features) -> list[Tensor]:

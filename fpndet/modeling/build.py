@@ -48,12 +48,15 @@ def build_backbone(config: ModelConfig) -> nn.Module:
     raise ValueError(f"unknown backbone {name!r}: use resnet18/34/50/101, efficientnet_lite0 or timm:<name>")
 
 
+def level_strides(config: ModelConfig) -> list[int]:
+    """The stride in pixels of each pyramid level P_min..P_max: 2^l."""
+    return [2**level for level in range(config.min_level, config.max_level + 1)]
+
+
 def build_anchor_generator(config: ModelConfig) -> AnchorGenerator:
     """The anchors of ``config``: its sizes, scales and ratios on levels min_level..max_level,
     placed every 2^l px (``anchor_placement="level"``) or as torchvision does ("image")."""
-    strides = None
-    if config.anchor_placement == "level":
-        strides = [2**level for level in range(config.min_level, config.max_level + 1)]
+    strides = level_strides(config) if config.anchor_placement == "level" else None
     return AnchorGenerator(
         sizes=config.anchor_sizes, scales=config.anchor_scales, ratios=config.anchor_ratios, level_strides=strides
     )
@@ -169,7 +172,7 @@ def build_retinanet(config: ModelConfig) -> RetinaNet:
             in_channels=config.fpn_channels, num_anchors=config.num_anchors_per_location,
             num_classes=config.num_classes, background_logit=softmax, channels=head_cfg.head_channels,
             depth=head_cfg.head_depth, norm=head_cfg.head_norm, prior_prob=head_cfg.prior_prob,
-            strides=[2**level for level in range(config.min_level, config.max_level + 1)],
+            strides=level_strides(config),
         ),
         anchor_generator=build_anchor_generator(config),
         criterion=RetinaNetCriterion(

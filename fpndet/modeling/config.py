@@ -32,6 +32,7 @@ LOSS_NORMALIZATIONS = ("batch", "per_image")
 ANCHOR_PLACEMENTS = ("level", "image")
 FPN_TOP_BLOCKS = ("conv", "max_pool")
 FPN_NORMS = (None, "batch", "frozen_batch", "group")
+HEAD_NORMS = (None, "group", "group_masked")
 BOX_HEADS = ("fc", "conv")
 PROPOSAL_TOPK_MODES = ("image", "batch")
 
@@ -82,7 +83,7 @@ class RetinaNetConfig:
             (self.box_loss in BOX_LOSSES, f"box_loss must be one of {BOX_LOSSES}"),
             (self.loss_normalization in LOSS_NORMALIZATIONS,
              f"loss_normalization must be one of {LOSS_NORMALIZATIONS}"),
-            (self.head_norm in (None, "group", "group_masked"), "head_norm must be null, 'group' or 'group_masked'"),
+            (self.head_norm in HEAD_NORMS, f"head_norm must be one of {HEAD_NORMS}"),
             (0.0 < self.prior_prob < 1.0, "prior_prob must be in (0, 1)"),
             (self.background_iou <= self.foreground_iou, "background_iou must be <= foreground_iou"),
         ])

@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-
-HEAD_NORMS = (None, "group", "group_masked")
+from .config import HEAD_NORMS
+from .preprocess import valid_region
 
 
 def conv_tower(*, channels: int, depth: int, norm: Optional[str]) -> nn.Sequential:
@@ -37,24 +37,12 @@ def conv_tower(*, channels: int, depth: int, norm: Optional[str]) -> nn.Sequenti
 
 
 def level_masks(image_sizes: Tensor, shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> list[Tensor]:
-    """Which cells of each level's map lie on the image rather than on the batch's padding.
+    """Which cells of each level's map lie on the image rather than on the batch's padding:
+    one bool ``[B, 1, H_l, W_l]`` per level (:func:`~fpndet.modeling.preprocess.valid_region`).
 
-    Args:
-        image_sizes: int ``[B, 2]`` (h, w) in pixels of each image in the padded batch (the
-            resized image, top-left aligned).
-        shapes: (H_l, W_l) of each level's map; strides: its stride in pixels (2^l for P_l).
-
-    Returns one bool ``[B, 1, H_l, W_l]`` per level: cell (i, j) is on the image when
-    i < ceil(h / stride) and j < ceil(w / stride) (a stride-2 conv of padding 1 maps a map of
-    n valid rows to ceil(n / 2)). Traceable: no data-dependent control flow.
-    """
-    masks = []
-    for (height, width), stride in zip(shapes, strides):
-        valid = torch.div(image_sizes + (stride - 1), stride, rounding_mode="floor")  # ceil, [B, 2]
-        rows = torch.arange(height, device=image_sizes.device)[None, :] < valid[:, :1]  # [B, H_l]
-        cols = torch.arange(width, device=image_sizes.device)[None, :] < valid[:, 1:]  # [B, W_l]
-        masks.append((rows[:, None, :, None] & cols[:, None, None, :]))
-    return masks
+    Args: image_sizes int ``[B, 2]`` (h, w) pixels of each resized image in the padded batch;
+    shapes: (H_l, W_l) of each level's map; strides: its stride in pixels (2^l for P_l)."""
+    return [valid_region(image_sizes, height, width, stride) for (height, width), stride in zip(shapes, strides)]
 
 
 def masked_group_norm(x: Tensor, mask: Tensor, norm: nn.GroupNorm) -> Tensor:

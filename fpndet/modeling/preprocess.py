@@ -32,6 +32,19 @@ class ImageBatch:
     targets: Optional[list[dict[str, Tensor]]]
 
 
+def valid_region(image_sizes: Tensor, height: int, width: int, stride: int = 1) -> Tensor:
+    """bool ``[B, 1, height, width]``: the cells of a padded batch's map of this ``stride`` (pixels
+    per cell; 1 for the image itself) that lie on each image rather than on the padding.
+
+    ``image_sizes``: int ``[B, 2]`` (h, w) in pixels of each top-left-aligned image. Cell (i, j) is
+    on the image when i < ceil(h / stride) and j < ceil(w / stride): a stride-2 conv of padding 1
+    maps n valid rows to ceil(n / 2). Traceable (no data-dependent control flow)."""
+    valid = torch.div(image_sizes + (stride - 1), stride, rounding_mode="floor")  # ceil, [B, 2]
+    rows = torch.arange(height, device=image_sizes.device)[None, :] < valid[:, :1]  # [B, H]
+    cols = torch.arange(width, device=image_sizes.device)[None, :] < valid[:, 1:]  # [B, W]
+    return rows[:, None, :, None] & cols[:, None, None, :]
+
+
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
     """The factor making the short side ``min_size`` unless the long side would pass ``max_size``."""
     return min(min_size / min(height, width), max_size / max(height, width))
