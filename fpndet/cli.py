@@ -19,9 +19,10 @@ from .errors import FpnDetError, InputWarning
 EPILOG = "Config overrides: KEY=VALUE pairs such as model.backbone=resnet18 train.batch_size=4 data.num_workers=0."
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    if device:
+        parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     prop.add_argument("--format", default=None, choices=["shapes", "coco", "voc", "yolo"])
     prop.add_argument("--output", required=True, help="the proposals file to write (.safetensors)")
     prop.add_argument("--topk", type=int, default=None,
-                      help="proposals kept per image (default: the model's model.rpn.post_nms_topk_test)")
+                      help="proposals kept per image after NMS (default: the model's model.rpn.post_nms_topk_test)")
+    prop.add_argument("--pre-topk", type=int, default=None,
+                      help="anchors kept per level and image before NMS (default: the model's "
+                           "model.rpn.pre_nms_topk_test; the training value, e.g. 2000, gives proposals like those "
+                           "a jointly trained Fast R-CNN saw)")
     prop.add_argument("--batch-size", type=int, default=4)
     _add_common(prop)
 
@@ -106,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--num-ratios", type=int, default=None,
                      help="with --suggest-anchors: ratios per location (default: as many as the config's)")
     ins.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE (model.anchor_sizes=[16,32,64,128,256])")
-    _add_common(ins)
+    _add_common(ins, device=False)
 
     ex = sub.add_parser("export", help="write a detector as one ONNX file (pre-processing to NMS)",
                         description="Export a RetinaNet, Faster R-CNN or RPN to ONNX: normalisation, padding to /32, "
@@ -128,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "where a deep backbone's dynamic-size graph takes many minutes (default: dynamic)")
     ex.add_argument("--score-thresh", type=float, default=None, help="score threshold in the graph (default: the model's)")
     ex.add_argument("--detections", type=int, default=None, help="K, detections per image (default: the model's)")
-    ex.add_argument("--check", action="store_true", help="run the export on onnxruntime and compare with PyTorch")
-    _add_common(ex)
+    ex.add_argument("--check", action="store_true",
+                    help="run the export on onnxruntime and compare its detections with PyTorch's (exit status 1 "
+                         "when they differ)")
+    ex.add_argument("--images", default=None, metavar="FOLDER",
+                    help="with --check: compare on the first images of this folder (default: 2 random images)")
+    _add_common(ex, device=False)
 
     be = sub.add_parser("benchmark", help="time every installed backend on this machine",
                         description="Time a detector on every installed backend (eager, fast, onnxruntime, "
@@ -309,8 +318,9 @@ def cmd_proposals(args) -> int:
                          "faster_rcnn model")
     rpn_model = model.proposal_model() if model.roi_heads is not None else model
     if args.topk is not None:
-        train_topk, test_topk = rpn_model.rpn.post_nms_topk
-        rpn_model.rpn.post_nms_topk = (train_topk, args.topk)
+        rpn_model.rpn.post_nms_topk = (rpn_model.rpn.post_nms_topk[0], args.topk)
+    if args.pre_topk is not None:
+        rpn_model.rpn.pre_nms_topk = (rpn_model.rpn.pre_nms_topk[0], args.pre_topk)
     dataset = open_dataset(args.data, split=args.split, format=args.format)
     start = time.perf_counter()
     proposals, _ = run_inference(rpn_model, dataset, batch_size=args.batch_size, device=device, progress=True)
@@ -409,7 +419,9 @@ def cmd_export(args) -> int:
     if args.check and not args.raw:
         from .deploy.benchmark import check_export
 
-        print(check_export(model, output))
+        line, equal = check_export(model, output, image_folder=args.images)
+        print(line)
+        return 0 if equal else 1
     return 0
 
 

@@ -15,7 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import InputError
-from .modeling.config import NAMED_CONFIGS, ModelConfig, RetinaNetConfig
+from .modeling.config import NAMED_CONFIGS, ModelConfig, RetinaNetConfig, rpn_r50_fpn
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -31,6 +31,7 @@ class DataConfig:
     val_split: str = "val"
     format: Optional[str] = None  # force "shapes" | "coco" | "voc" | "yolo"
     class_names: Optional[List[str]] = None  # VOC: explicit class list
+    # The synthetic shapes dataset ("shapes", or "shapes:N" for N images in each split).
     shapes_train_images: int = 2000
     shapes_val_images: int = 200
     shapes_image_size: int = 320
@@ -39,7 +40,7 @@ class DataConfig:
     # Multi-scale training is model.min_size with several short sides (the model draws one per
     # image where it resizes; evaluation uses the last), e.g. model.min_size=[640,672,704,736,768,800].
     color_jitter: bool = False
-    cache_images: bool = False  # decode every image once and keep it in memory
+    cache_images: bool = False  # decode every training image once and keep it in memory (validation: not cached)
     # Batches of landscape images and batches of portrait images (where the counts allow), so the
     # two do not pad each other to squares (engine/sampling.py: aspect_ratio_groups).
     group_aspect_ratio: bool = True
@@ -67,13 +68,13 @@ class TrainConfig:
     base_batch: int = 16
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_iters: int = 500
+    warmup_iters: int = 500  # linear warm-up steps, at most half of the run's steps
     warmup_factor: float = 0.001
     schedule: str = "cosine"  # "cosine" | "step"
     lr_steps: List[float] = field(default_factory=lambda: [2 / 3, 8 / 9])  # fractions of max_iters, or iterations when > 1
     lr_gamma: float = 0.1
     clip_grad_norm: Optional[float] = None
-    amp: str = "none"  # "none" | "bf16" | "fp16" (CUDA)
+    amp: str = "none"  # "none" | "bf16" | "fp16" (autocast on CUDA; fp16 with loss scaling)
     device: str = "auto"
     seed: int = 0
     log_every: int = 20
@@ -130,8 +131,11 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
     """Defaults <- YAML file (a path or the name of a config in ``fpndet/configs``) <- overrides.
 
     A YAML may set ``model.preset: <named model config>`` to start the model section from
-    :data:`fpndet.modeling.config.NAMED_CONFIGS`. Raises :class:`InputError` naming the file or the
-    override at fault.
+    :data:`fpndet.modeling.config.NAMED_CONFIGS`. A layer (the YAML, or the overrides) that
+    changes ``model.arch`` between RetinaNet and the two-stage family without a preset also takes
+    that family's pyramid and anchors for the fields it does not set (:data:`PYRAMID_FIELDS`).
+    Raises :class:`InputError` naming the file or the override at fault, also for a word option
+    outside its choices (:data:`CHOICES`).
     """
     schema = OmegaConf.structured(ExperimentConfig)
     layers: list[Any] = []
@@ -157,6 +161,7 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
         for layer in layers:
             _reject_removed_keys(layer, source)
             auto = _pop_auto_anchors(layer)
+            _apply_arch_pyramid(layer, merged.model.arch)
             layer = _apply_model_preset(layer)
             merged = OmegaConf.merge(merged, layer)
             for key in auto:  # the marker: a missing value (merging "???" would keep the old one)
@@ -167,7 +172,27 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
         model_config(merged, reference_anchors=True)
     except ValueError as err:
         raise InputError(source, str(err)) from None
+    _check_choices(merged, source)
     return merged
+
+
+# Options of the train/data/eval sections that take one of a few words (the model's are checked
+# by ModelConfig.validate).
+CHOICES = {
+    ("train", "amp"): ("none", "bf16", "fp16"),
+    ("train", "optimizer"): ("sgd", "adamw"),
+    ("train", "schedule"): ("cosine", "step"),
+    ("data", "bad_images"): ("error", "skip"),
+    ("data", "format"): (None, "shapes", "coco", "voc", "yolo"),
+}
+
+
+def _check_choices(cfg: DictConfig, source: str) -> None:
+    """InputError naming the first option of :data:`CHOICES` set to something else."""
+    for (section, key), allowed in CHOICES.items():
+        value = cfg[section][key]
+        if value not in allowed:
+            raise InputError(source, f"{section}.{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
 
 
 REMOVED_KEYS = {
@@ -189,6 +214,32 @@ def _reject_removed_keys(layer: DictConfig, source: str) -> None:
     if moved:
         raise InputError(source, f"model.{moved[0]} moved to model.retinanet.{moved[0]} (the RetinaNet section; "
                          "two-stage settings are in model.rpn and model.roi_heads)")
+
+
+# The pyramid and anchors each family of architectures is defined with: RetinaNet P3-P7 with a
+# conv top block and 3 scales x 3 ratios of 32-512 px (Focal Loss paper §4); the two-stage
+# detectors P2-P6 with P6 = P5 subsampled and one size x 3 ratios (FPN paper §4.1).
+PYRAMID_FIELDS = ("min_level", "max_level", "fpn_top_block", "anchor_sizes", "anchor_scales")
+
+
+def _pyramid_of(arch: str) -> dict[str, Any]:
+    reference = ModelConfig() if arch == "retinanet" else rpn_r50_fpn()
+    return {key: getattr(reference, key) for key in PYRAMID_FIELDS}
+
+
+def _apply_arch_pyramid(layer: DictConfig, current_arch: str) -> None:
+    """A layer that switches ``model.arch`` between RetinaNet and the two-stage family without a
+    ``model.preset`` also switches the pyramid and anchors (:data:`PYRAMID_FIELDS`) to the new
+    family's paper values, unless the layer sets them itself (in place): ``model.arch=faster_rcnn``
+    alone builds the FPN paper's Faster R-CNN on P2-P6, not a two-stage model on RetinaNet's P3-P7."""
+    model = layer.get("model") if isinstance(layer, DictConfig) else None
+    if not isinstance(model, DictConfig) or "arch" not in model or "preset" in model:
+        return
+    if (model.arch == "retinanet") == (current_arch == "retinanet"):
+        return
+    for key, value in _pyramid_of(model.arch).items():
+        if key not in model:
+            model[key] = value
 
 
 def _apply_model_preset(layer: DictConfig) -> DictConfig:
@@ -238,11 +289,13 @@ def set_fitted_anchors(cfg: DictConfig, *, anchor_sizes: Optional[Sequence[float
 
 
 def reference_anchor_values(cfg: DictConfig) -> dict[str, list[float]]:
-    """What the ``auto`` fields of ``cfg.model`` start from: the paper's anchors, sizes
-    32 * 2^(l-3) on levels min_level..max_level, ratios 1/2, 1, 2."""
+    """What the ``auto`` fields of ``cfg.model`` start from: the papers' anchors on levels
+    min_level..max_level, sizes 32 * 2^(l-3) for RetinaNet (32 px on P3, Focal Loss paper §4) and
+    32 * 2^(l-2) for the two-stage detectors (32 px on P2, FPN paper §4.1); ratios 1/2, 1, 2."""
     from .modeling.anchors import default_anchor_sizes
 
-    values = {"anchor_sizes": default_anchor_sizes(cfg.model.min_level, cfg.model.max_level),
+    base_level = 3 if cfg.model.arch == "retinanet" else 2
+    values = {"anchor_sizes": default_anchor_sizes(cfg.model.min_level, cfg.model.max_level, base_level=base_level),
               "anchor_ratios": list(ModelConfig().anchor_ratios)}
     return {key: values[key] for key in auto_anchor_fields(cfg)}
 

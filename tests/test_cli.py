@@ -92,14 +92,18 @@ HELP_OPTIONS = {
     "eval": ["--weights", "--data", "--split", "--format", "--output", "--batch-size", "--max-images",
              "--proposals", "--score-thresh", "--debug", "--device", "--backend", "--diagnostics-thresh",
              "--no-diagnostics", "--tile", "--tile-overlap", "--tile-full-image"],
-    "proposals": ["--weights", "--data", "--split", "--format", "--output", "--topk", "--batch-size", "--debug",
-                  "--device"],
+    "proposals": ["--weights", "--data", "--split", "--format", "--output", "--topk", "--pre-topk", "--batch-size",
+                  "--debug", "--device"],
     "predict": ["--weights", "sources", "--output", "--score-thresh", "--batch-size", "--no-draw", "--workers",
                 "--resume", "--strict", "--debug", "--device", "--backend", "--tile", "--tile-overlap",
                 "--tile-full-image"],
     "inspect": ["--data", "--split", "--format", "--config", "--output", "--samples", "overrides", "--debug",
-                "--device", "--suggest-anchors", "--num-ratios"],
+                "--suggest-anchors", "--num-ratios"],
+    "export": ["--weights", "--format", "--output", "--opset", "--raw", "--input-dtype", "--input-size",
+               "--score-thresh", "--detections", "--check", "--images", "--debug"],
 }
+# CPU-only commands take no --device (it would do nothing).
+NO_DEVICE = ("inspect", "export")
 
 
 @pytest.mark.parametrize("command", sorted(HELP_OPTIONS))
@@ -109,6 +113,7 @@ def test_subcommand_help_lists_every_option(command, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith(f"usage: fpndet {command}")
+    assert ("--device" in text) == (command not in NO_DEVICE)
     for option in HELP_OPTIONS[command]:
         assert option in text, f"{command} --help does not mention {option}"
 
@@ -585,6 +590,12 @@ def test_fast_rcnn_on_proposals_written_by_a_trained_rpn(tmp_path, capsys):
 
     written = ProposalFile(proposals)
     assert len(written) == 4 and all(0 < len(written.get(i)) <= 50 for i in range(1, 5))
+    few = tmp_path / "few.safetensors"  # --pre-topk 4: at most 4 anchors per level (P2-P6) reach NMS
+    assert main(["proposals", "--weights", str(rpn_run), "--data", str(annotations), "--output", str(few),
+                 "--topk", "50", "--pre-topk", "4", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert all(0 < len(ProposalFile(few).get(i)) <= 4 * 5 for i in range(1, 5))
+    assert max(len(written.get(i)) for i in range(1, 5)) > 4 * 5
     assert main(["train", "--data", str(annotations), *small, "model.arch=fast_rcnn", f"train.output_dir={fast_run}",
                  f"data.train_proposals={proposals}", f"data.val_proposals={proposals}"]) == 0
     assert "AP" in json.loads((fast_run / "eval" / "metrics.json").read_text())["metrics"]

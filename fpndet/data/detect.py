@@ -56,22 +56,37 @@ def open_dataset(
 
     Raises:
         InputError(spec, ...): missing path, unrecognised format, or a bad ``shapes:N``; the
-            dataset classes raise their own InputErrors for bad content.
+            dataset classes raise their own InputErrors for bad content; ``class_names`` given
+            for a dataset that is not VOC (COCO and YOLO name their classes in their own files).
     """
     text = os.fspath(spec)
     if format is not None and format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if format == "shapes" or (format is None and (text == "shapes" or text.startswith("shapes:"))):
+    if is_shapes_spec(text, format):
+        _refuse_class_names(kw, text, "shapes")
         return _open_shapes(text, split=split, transforms=transforms, **kw)
     path = Path(text)
     if not path.exists():
         raise InputError(path, "no such file or folder")
     format = format or _guess_format(path)
+    if format != "voc":
+        _refuse_class_names(kw, path, format)
     if format == "coco":
         return CocoDetection(_coco_json(path, split), transforms=transforms, **kw)
     if format == "voc":
         return VOCDetection(path, split, transforms=transforms, **kw)
     return YOLODetection(_yolo_yaml(path), split, transforms=transforms, **kw)
+
+
+def is_shapes_spec(spec: str, format: str | None = None) -> bool:
+    """Whether ``spec`` (with an optional forced ``format``) opens the synthetic shapes dataset."""
+    return format == "shapes" or (format is None and (spec == "shapes" or spec.startswith("shapes:")))
+
+
+def _refuse_class_names(kw: dict, source, format: str) -> None:
+    if kw.get("class_names"):
+        raise InputError(source, f"data.class_names is for VOC datasets (whose XML files name classes but do not "
+                         f"list them); a {format} dataset names its own classes")
 
 
 def _open_shapes(text: str, *, split: str, transforms: Callable | None, **kw: Any) -> ShapesDataset:

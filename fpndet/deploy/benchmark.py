@@ -176,13 +176,26 @@ def format_benchmark(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def check_export(model, path, *, count: int = 2) -> str:
-    """One line comparing an export on onnxruntime with the PyTorch model on random images."""
+def check_export(model, path, *, count: int = 2, image_folder: Optional[str] = None) -> tuple[str, bool]:
+    """Compare an export on onnxruntime with the PyTorch model on ``count`` images (the first of
+    ``image_folder``, else random ones, in which a trained model finds little).
+
+    Returns:
+        ``(line, equal)``: one line saying how many detections were compared and the largest box
+        and score differences, or that there was nothing to compare (no detection above the
+        score threshold in these images); ``equal`` is False only when detections differ.
+    """
     from .runtime import OnnxDetector
 
-    images = benchmark_images(None, count)
+    images = benchmark_images(image_folder, count)
+    source = f"{count} images of {image_folder}" if image_folder else f"{count} random images"
     with torch.inference_mode():
         reference = model([image.to(next(model.parameters()).device) for image in images])
     result = compare(reference, OnnxDetector(path)(images))
-    return (f"check on onnxruntime ({count} random images): {'equal' if result['equal'] else 'NOT EQUAL'} "
-            f"(boxes {result['max_box_diff_px']:.2g} px, scores {result['max_score_diff']:.2g})")
+    compared = sum(len(r["boxes"]) for r in reference)
+    if compared == 0 and result["equal"]:
+        return (f"check on onnxruntime ({source}): nothing compared, no detection above the score threshold in "
+                "either (give real photos with --images)", True)
+    return (f"check on onnxruntime ({source}, {compared} detections): "
+            f"{'equal' if result['equal'] else 'NOT EQUAL'} (boxes {result['max_box_diff_px']:.2g} px, "
+            f"scores {result['max_score_diff']:.2g}, {result['unmatched']} unmatched)", result["equal"])

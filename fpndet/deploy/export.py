@@ -2,7 +2,8 @@
 
 The graph is :class:`~fpndet.deploy.graph.RetinaNetGraph` (RetinaNet) or
 :class:`~fpndet.deploy.faster_rcnn_graph.FasterRCNNGraph` (Faster R-CNN, RPN) traced by ``torch.onnx.export``
-(the dynamo exporter) with dynamic batch, height and width (multiples of 32); class-wise NMS
+(the dynamo exporter) with dynamic batch, height and width (multiples of the model's
+``size_divisible``, 32 or a multiple of it, as the eager model pads); class-wise NMS
 becomes ONNX ``NonMaxSuppression``. Inputs: ``images [B, 3, H, W]`` and ``image_sizes [B, 2]``
 int64 (:func:`~fpndet.deploy.graph.pad_batch` makes both). The file's metadata (``metadata_props``) carries what a runner needs:
 ``fpndet_format`` (version of this layout), ``arch``, ``outputs`` ("detections" or "raw"),
@@ -12,7 +13,7 @@ applies first), ``input_dtype``, ``min_input_side``, ``inputs`` (a description),
 ``pixel_mean`` / ``pixel_std`` and, for an export of a fixed input size, ``input_size``
 (JSON ``[H, W]``).
 
-Image size: dynamic by default (any multiple of 32). ``input_size=(H, W)`` fixes it (the batch
+Image size: dynamic by default (any multiple of ``size_divisible``). ``input_size=(H, W)`` fixes it (the batch
 stays dynamic): every batch is then padded to that canvas, which must hold the resized images.
 Exporting a fixed size takes seconds where the dynamic graph of a deep backbone takes many
 minutes (EfficientNet-Lite0: 19 s against more than 13 min on a 2-core CPU: the tracer's
@@ -42,6 +43,22 @@ def min_input_side(model: nn.Module) -> int:
     """The smallest padded side the export is traced for (every level keeps >= 2 cells); smaller
     inputs run too (tested down to 64 px), the tracer just cannot promise it."""
     return 2 ** model.config.max_level * 2
+
+
+def pad_multiple(model: nn.Module, source=None) -> int:
+    """The multiple the export's inputs are padded to: the model's ``size_divisible``, as the eager
+    pre-processor pads (a multiple of 32, which the graph's pyramid needs).
+
+    Raises:
+        InputError: a ``size_divisible`` that is not a multiple of 32 (the graph would pad
+            differently from the eager model, so its detections would differ).
+    """
+    multiple = int(model.preprocessor.size_divisible)
+    if multiple % PAD_TO:
+        raise InputError(source, f"model.size_divisible={multiple} cannot be exported: the graph pads to multiples "
+                         f"of {PAD_TO} (the model's pyramid needs them), so its detections would differ from the "
+                         f"model's; use a multiple of {PAD_TO}")
+    return multiple
 
 
 def detector_graph(model: nn.Module, *, raw: bool = False, source=None) -> nn.Module:
@@ -75,13 +92,14 @@ def fixed_input_size(model: nn.Module, size, source=None) -> Optional[tuple[int,
     """
     if size is None:
         return None
+    multiple = pad_multiple(model, source)
     if size == "max":
-        side = -(-int(model.preprocessor.max_size) // PAD_TO) * PAD_TO
+        side = -(-int(model.preprocessor.max_size) // multiple) * multiple
         return side, side
     height, width = (int(v) for v in size)
     low = min_input_side(model)
-    if height % PAD_TO or width % PAD_TO or min(height, width) < low:
-        raise InputError(source, f"input size {height}x{width} must be multiples of {PAD_TO} of at least {low}")
+    if height % multiple or width % multiple or min(height, width) < low:
+        raise InputError(source, f"input size {height}x{width} must be multiples of {multiple} of at least {low}")
     return height, width
 
 
@@ -89,8 +107,8 @@ def example_inputs(model: nn.Module, input_dtype: str,
                    input_size: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of 2 of unequal sides, multiples of 32 (or of ``input_size``), with image sizes
     smaller than the batch."""
-    side = min_input_side(model)
-    shape = (2, 3, *input_size) if input_size else (2, 3, side + 3 * PAD_TO, side + 7 * PAD_TO)
+    side, multiple = min_input_side(model), pad_multiple(model)
+    shape = (2, 3, *input_size) if input_size else (2, 3, side + 3 * multiple, side + 7 * multiple)
     images = torch.randint(0, 256, shape, dtype=torch.uint8) if input_dtype == "uint8" else torch.rand(shape)
     sizes = torch.tensor([[shape[2] - 5, shape[3]], [shape[2], shape[3] - 37]], dtype=torch.int64)
     return images, sizes
@@ -137,14 +155,15 @@ def export_onnx(
 
     model = model.cpu().eval()
     graph = detector_graph(model, raw=raw, source=source)
+    multiple = pad_multiple(model, source)
     input_size = fixed_input_size(model, input_size, source)
     example = example_inputs(model, input_dtype, input_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     image_dims = {0: batch}
     if not input_size:
-        low, high = min_input_side(model) // PAD_TO, 16384 // PAD_TO
-        image_dims.update({2: PAD_TO * torch.export.Dim("height_32", min=low, max=high),
-                           3: PAD_TO * torch.export.Dim("width_32", min=low, max=high)})
+        low, high = -(-min_input_side(model) // multiple), 16384 // multiple
+        image_dims.update({2: multiple * torch.export.Dim("height_tiles", min=low, max=high),
+                           3: multiple * torch.export.Dim("width_tiles", min=low, max=high)})
     dims = (image_dims, {0: batch})
     names = RAW_OUTPUTS if raw else DETECTION_OUTPUTS
     with warnings.catch_warnings(), torch.no_grad():
@@ -200,8 +219,8 @@ def export_metadata(model: nn.Module, class_names: Sequence[str], *, raw: bool, 
         "max_size": str(int(pre.max_size)),
         "input_dtype": input_dtype,
         "min_input_side": str(min_input_side(model)),
-        "inputs": "images [B, 3, H, W] resized to the model's size and zero-padded to H, W multiples of 32; "
-                  "image_sizes [B, 2] int64 (h, w) before padding",
+        "inputs": f"images [B, 3, H, W] resized to the model's size and zero-padded to H, W multiples of "
+                  f"{int(pre.size_divisible)}; image_sizes [B, 2] int64 (h, w) before padding",
         "pixel_mean": json.dumps([float(v) for v in pre.pixel_mean.flatten()]),
         "pixel_std": json.dumps([float(v) for v in pre.pixel_std.flatten()]),
     }

@@ -156,11 +156,12 @@ def padded_best(boxes: Tensor, scores: Tensor, labels: Tensor, kept: Tensor, k: 
 
 
 def pad_batch(images: list[Tensor], *, min_size: int, max_size: int,
-              canvas: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+              canvas: Optional[tuple[int, int]] = None, size_divisible: int = PAD_TO) -> tuple[Tensor, Tensor]:
     """Inputs of an exported graph: each float ``[3, h, w]`` image in [0, 1] resized with
     :func:`~fpndet.modeling.preprocess.resize_image` and zero-padded bottom/right to the batch's
-    largest (h, w) rounded up to a multiple of 32, or to ``canvas`` (H, W) for an export of a
-    fixed input size. Returns ``(images [B, 3, H, W] float32, image_sizes [B, 2] int64)``, the
+    largest (h, w) rounded up to a multiple of ``size_divisible`` (the model's
+    ``model.size_divisible``, as the eager pre-processor pads), or to ``canvas`` (H, W) for an
+    export of a fixed input size. Returns ``(images [B, 3, H, W] float32, image_sizes [B, 2] int64)``, the
     (h, w) of each resized image.
 
     Raises:
@@ -169,8 +170,8 @@ def pad_batch(images: list[Tensor], *, min_size: int, max_size: int,
     from ..modeling.preprocess import resize_image
 
     resized = [resize_image(image.float(), min_size, max_size) for image in images]
-    height = -(-max(r.shape[-2] for r in resized) // PAD_TO) * PAD_TO
-    width = -(-max(r.shape[-1] for r in resized) // PAD_TO) * PAD_TO
+    height = -(-max(r.shape[-2] for r in resized) // size_divisible) * size_divisible
+    width = -(-max(r.shape[-1] for r in resized) // size_divisible) * size_divisible
     if canvas is not None:
         if height > canvas[0] or width > canvas[1]:
             raise ValueError(f"images resized to up to {height}x{width} (padded) do not fit the fixed input "

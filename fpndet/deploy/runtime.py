@@ -157,7 +157,8 @@ class OnnxDetector:
         """Detections for float ``[3, h, w]`` RGB images in [0, 1] (any sizes; module doc)."""
         images = [image.detach().float().cpu() for image in images]
         try:
-            batch, sizes = pad_batch(images, min_size=self.min_size, max_size=self.max_size, canvas=self.input_size)
+            batch, sizes = pad_batch(images, min_size=self.min_size, max_size=self.max_size, canvas=self.input_size,
+                                     size_divisible=self.config.size_divisible)
         except ValueError as err:
             raise InputError(self.path, f"was exported for a fixed input size: {err}") from None
         batch = batch.numpy()

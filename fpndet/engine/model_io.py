@@ -153,7 +153,8 @@ def apply_inference_overrides(model: nn.Module, *, score_thresh: Optional[float]
 
     Args:
         score_thresh: the post-processor's minimum score (probability in [0, 1]).
-        detections_per_image: the post-processor's cap per image.
+        detections_per_image: the post-processor's cap per image (a proposals-only model: its
+            RPN's proposals kept per image at test time, ``post_nms_topk``).
         min_size: the pre-processor's short side in pixels (an int or a list).
 
     Returns:
@@ -167,6 +168,9 @@ def apply_inference_overrides(model: nn.Module, *, score_thresh: Optional[float]
     if detections_per_image is not None and hasattr(final, "detections_per_image"):
         previous["detections_per_image"] = final.detections_per_image
         final.detections_per_image = detections_per_image
+    elif detections_per_image is not None:  # an RPN: the proposals it keeps per image
+        previous["detections_per_image"] = final.post_nms_topk[1]
+        final.post_nms_topk = (final.post_nms_topk[0], detections_per_image)
     if min_size is not None:
         previous["min_size"] = list(model.preprocessor.min_size)
         model.preprocessor.min_size = list(min_size) if isinstance(min_size, (list, tuple)) else [min_size]

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from ..config import model_config, save_config
 from ..data.cache import CachedSamples
 from ..data.checks import KeptImages, SkipUnreadable, check_images, format_problems
-from ..data.detect import open_dataset
+from ..data.detect import is_shapes_spec, open_dataset
 from ..data.loaders import collate_detection
 from ..data.transforms import build_train_transforms
 from ..errors import InputError, InputWarning, TrainingDiverged
@@ -74,15 +74,17 @@ def open_datasets(cfg: DictConfig):
         kwargs["class_names"] = list(data.class_names)
     shapes = dict(image_size=(data.shapes_image_size, data.shapes_image_size))
     train = open_dataset(data.train, split=data.train_split, format=data.format,
-                         **_shapes_kwargs(data.train, shapes, data.shapes_train_images), **kwargs)
+                         **_shapes_kwargs(data.train, data.format, shapes, data.shapes_train_images), **kwargs)
     val_spec = data.val or data.train
     val = open_dataset(val_spec, split=data.val_split, format=data.format,
-                       **_shapes_kwargs(val_spec, shapes, data.shapes_val_images), **kwargs)
+                       **_shapes_kwargs(val_spec, data.format, shapes, data.shapes_val_images), **kwargs)
     return train, val
 
 
-def _shapes_kwargs(spec: str, shapes: dict, num_images: int) -> dict:
-    return {**shapes, "num_images": num_images} if spec == "shapes" else {}
+def _shapes_kwargs(spec: str, format: Optional[str], shapes: dict, num_images: int) -> dict:
+    """The data.shapes_* options for a shapes spec ("shapes", "shapes:N": N images in each split
+    instead of data.shapes_*_images), nothing for other datasets."""
+    return {**shapes, "num_images": num_images} if is_shapes_spec(spec, format) else {}
 
 
 def check_dataset_images(cfg: DictConfig, train_set, val_set, out: Path, *, verbose: bool = True):

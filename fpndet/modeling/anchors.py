@@ -120,6 +120,8 @@ class AnchorGenerator(nn.Module):
         return image_size[0] // grid[0], image_size[1] // grid[1]
 
 
-def default_anchor_sizes(min_level: int, max_level: int) -> list[float]:
-    """The paper's sizes: 32 * 2^(l-3) for levels l (32 on P3 ... 512 on P7)."""
-    return [32.0 * math.pow(2, level - 3) for level in range(min_level, max_level + 1)]
+def default_anchor_sizes(min_level: int, max_level: int, *, base_level: int = 3) -> list[float]:
+    """The papers' sizes 32 * 2^(l - base_level) px for levels l = min_level..max_level: 32 on P3
+    ... 512 on P7 for RetinaNet (``base_level=3``, Focal Loss paper §4), 32 on P2 ... 512 on P6
+    for the FPN paper's RPN (``base_level=2``, §4.1)."""
+    return [32.0 * math.pow(2, level - base_level) for level in range(min_level, max_level + 1)]

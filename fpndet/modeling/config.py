@@ -6,7 +6,9 @@ shares — backbone, FPN, anchors, pre-processing, final inference — at its to
 section per architecture stage: ``retinanet`` (:class:`RetinaNetConfig`), ``rpn``
 (:class:`RPNConfig`) and ``roi_heads`` (:class:`RoIHeadsConfig`). A section is read only by the
 architectures that use it. The same dataclass is the ``model`` section of the YAML experiment
-configs (OmegaConf structured config: ``model.arch=faster_rcnn model.rpn.nms_thresh=0.6``), and it
+configs (OmegaConf structured config: ``model.arch=faster_rcnn model.rpn.nms_thresh=0.6``; switching
+``arch`` between RetinaNet and the two-stage family also switches the pyramid and anchors to the
+family's, see :func:`fpndet.config.load_config`), and it
 is stored as JSON beside every checkpoint, so a checkpoint rebuilds its model; checkpoints
 written before the sections existed (flat RetinaNet fields) are read by :meth:`ModelConfig.from_dict`.
 """
@@ -144,7 +146,8 @@ class RoIHeadsConfig:
     aligned: bool = False
     canonical_size: int = 224
     canonical_level: int = 4
-    # Box head: "fc" = 2 x fc (paper, torchvision v1); "conv" = num_convs 3x3 convs (GroupNorm) + 1 fc (v2).
+    # Box head: "fc" = 2 x fc (paper, torchvision v1); "conv" = num_convs 3x3 convs, each followed by
+    # box_head_norm, + 1 fc (torchvision v2 with box_head_norm "batch").
     box_head: str = "fc"
     fc_dim: int = 1024
     conv_dim: int = 256
@@ -175,7 +178,8 @@ class ModelConfig:
     proposals given with the images: FPN paper Table 2).
 
     ``num_classes`` counts object classes only; labels are 0..num_classes-1 (a background logit,
-    where a head has one, is internal to it).
+    where a head has one, is internal to it). ``fpndet train`` sets it to the training dataset's
+    number of classes (a config's value is a default for building models outside training).
     """
 
     arch: str = "retinanet"

@@ -11,8 +11,9 @@ divided by the number of sampled anchors of the batch (torchvision).
 
 Proposals: per level the ``pre_nms_topk`` best anchors (2000 train / 1000 test), decoded,
 clipped, boxes smaller than ``min_size`` removed, score threshold, NMS 0.7 within each (image,
-level), then the best ``post_nms_topk`` (2000 train / 1000 test) per image (torchvision and
-detectron2) or, in training, over the whole batch (Detectron1). All images are processed together; the only
+level), then the best ``post_nms_topk`` (2000 train / 1000 test, torchvision's numbers; detectron2's
+FPN configs keep 1000 in training) per image, or, in training, over the whole batch (Detectron1:
+2000 per batch). All images are processed together; the only
 Python loop is over pyramid levels.
 """
 from __future__ import annotations

@@ -209,3 +209,16 @@ def test_to_coco_keeps_boxes_outside_the_image_and_fills_missing_areas(tmp_path)
         {"id": 12, "image_id": 5, "category_id": 3, "bbox": [1.0, 2.0, 0.0, 5.0], "area": 0.0, "iscrowd": 0},
         {"id": 13, "image_id": 5, "category_id": 3, "bbox": [4.0, 4.0, 10.0, 20.0], "area": 200.0, "iscrowd": 1},
     ]
+
+
+def test_class_names_are_for_voc_only(coco128_dir):
+    """data.class_names given with a COCO (or shapes) dataset: one message naming the dataset,
+    not a TypeError from the dataset class."""
+    from fpndet.data.detect import open_dataset
+
+    annotations = coco128_dir / "annotations" / "instances.json"
+    with pytest.raises(InputError, match="data.class_names is for VOC") as err:
+        open_dataset(annotations, split="train", class_names=["a"])
+    assert str(annotations) in str(err.value)
+    with pytest.raises(InputError, match="data.class_names is for VOC"):
+        open_dataset("shapes:2", split="train", class_names=["a"])

@@ -129,3 +129,20 @@ def test_to_coco_evaluates_with_pycocotools():
         stats.append(evaluation.stats)
     assert stats[0][1] == pytest.approx(1.0)  # AP50
     assert stats[1][1] == pytest.approx(0.0)
+
+
+def test_shapes_options_reach_a_shapes_n_spec():
+    """data.shapes_image_size applies to "shapes:N" as to "shapes" (N images in each split,
+    instead of data.shapes_*_images)."""
+    from fpndet.config import load_config
+    from fpndet.engine.trainer import open_datasets
+
+    cfg = load_config(None, ["data.train=shapes:6", "data.shapes_image_size=96", "data.shapes_val_images=3"])
+    train, val = open_datasets(cfg)
+    assert len(train) == len(val) == 6
+    image, _ = train[0]
+    assert tuple(image.shape[-2:]) == (96, 96)
+    cfg = load_config(None, ["data.train=shapes", "data.shapes_image_size=96", "data.shapes_train_images=5",
+                             "data.shapes_val_images=3"])
+    train, val = open_datasets(cfg)
+    assert (len(train), len(val)) == (5, 3) and tuple(train[0][0].shape[-2:]) == (96, 96)

@@ -34,11 +34,11 @@ SIZES = {
 }
 
 
-def tiny_model(head_norm: str | None = None) -> torch.nn.Module:
+def tiny_model(head_norm: str | None = None, **changes) -> torch.nn.Module:
     """A small ResNet-18 RetinaNet whose scores spread around the threshold on real photos."""
     torch.manual_seed(0)
     config = ModelConfig(num_classes=len(CLASSES), backbone="resnet18", fpn_channels=32, min_size=[320], max_size=480,
-                         retinanet={"head_channels": 32, "head_depth": 1, "head_norm": head_norm})
+                         retinanet={"head_channels": 32, "head_depth": 1, "head_norm": head_norm}, **changes)
     model = build_model(config).eval()
     with torch.no_grad():
         model.head.cls_logits.bias.fill_(-2.5)
@@ -116,6 +116,25 @@ def test_group_norm_heads_export(tmp_path, backend):
         reference = model(images)
     assert sum(len(r["boxes"]) for r in reference) > 0
     assert_same(reference, OnnxDetector(path, backend=backend)(images))
+
+
+def test_size_divisible_reaches_the_export(tmp_path):
+    """``model.size_divisible=128``: the runner pads each batch as the eager model does (to 128,
+    not 32), so the export gives the eager detections; those differ from the same model's at 32,
+    so padding to 32 would have been caught. A size_divisible the graph cannot pad to is refused."""
+    model = tiny_model(size_divisible=128)
+    path = export_onnx(model, tmp_path / "div128.onnx", class_names=CLASSES)
+    images = parity_images("mixed", 4)
+    batch, _ = pad_batch(images, min_size=320, max_size=480, size_divisible=128)
+    assert batch.shape[-2] % 128 == 0 and batch.shape[-1] % 128 == 0
+    with torch.no_grad():
+        reference = model(images)
+        at_32 = tiny_model()(images)
+    assert sum(len(r["boxes"]) for r in reference) > 0
+    assert not compare(reference, at_32, box_tol=0.5, score_tol=1e-4)["equal"]
+    assert_same(reference, OnnxDetector(path)(images))
+    with pytest.raises(InputError, match="size_divisible=16"):
+        export_onnx(tiny_model(size_divisible=16), tmp_path / "div16.onnx", class_names=CLASSES)
 
 
 def test_graph_batches_in_one_call_with_fixed_rank_outputs(run):
@@ -279,3 +298,23 @@ def test_fixed_input_size_export(run, tmp_path, capsys):
         export_onnx(model, tmp_path / "bad.onnx", class_names=CLASSES, input_size=(330, 320))
     assert main(["export", "--weights", str(run), "--output", str(tmp_path / "bad.onnx"), "--input-size", "big"]) == 2
     assert "--input-size must be HxW" in capsys.readouterr().err
+
+
+def test_export_check_compares_real_detections(run, tmp_path, capsys):
+    """`fpndet export --check --images FOLDER` says how many detections it compared; the check of
+    an export against another model fails (exit status 1 from the CLI)."""
+    from fpndet.deploy.benchmark import check_export
+
+    folder = COCO128 / "images"
+    if not folder.is_dir():
+        pytest.skip(f"shared data not found at {folder}")
+    path = tmp_path / "checked.onnx"
+    assert main(["export", "--weights", str(run), "--output", str(path), "--check", "--images", str(folder)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    compared = int(line.split(" detections)")[0].rsplit(", ", 1)[1])
+    assert compared > 0 and "): equal" in line
+    other = tiny_model()
+    with torch.no_grad():
+        other.head.cls_logits.bias.add_(0.5)
+    text, equal = check_export(other, path, image_folder=str(folder))
+    assert not equal and "NOT EQUAL" in text

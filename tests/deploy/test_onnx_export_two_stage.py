@@ -98,6 +98,22 @@ def test_rpn_export_gives_the_eager_proposals(tmp_path):
         assert torch.allclose(ref["scores"], out["scores"], atol=1e-4)  # both by decreasing objectness
 
 
+def test_export_detections_option_caps_an_rpn_proposals(tmp_path):
+    """`fpndet export --detections K` of a proposals-only model keeps K proposals per image (its
+    RPN's post-NMS count at test time), the best K of the 1000 it keeps by default."""
+    run = save_run(tmp_path, two_stage_model("rpn"))
+    path = tmp_path / "rpn50.onnx"
+    assert main(["export", "--weights", str(run), "--output", str(path), "--detections", "50"]) == 0
+    meta = {p.key: p.value for p in __import__("onnx").load(str(path)).metadata_props}
+    assert meta["detections_per_image"] == "50"
+    images = real_images("coco_landscape", 1)
+    found = OnnxDetector(path)(images)[0]
+    with torch.no_grad():
+        full = two_stage_model("rpn")(images)[0]
+    assert len(found["boxes"]) == 50 and len(full["boxes"]) == 1000
+    assert torch.allclose(found["scores"], full["scores"][:50], atol=1e-4)
+
+
 def test_no_detection_above_the_threshold_and_export_options(run, tmp_path):
     path = tmp_path / "none.onnx"
     assert main(["export", "--weights", str(run), "--output", str(path), "--score-thresh", "0.9999",
