@@ -13,13 +13,15 @@ import struct
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from fpndet.errors import InputError
 
 __all__ = ["load_image", "image_size"]
 
 _EXIF_ORIENTATION_TAG = 0x0112
+_TIFF_IMAGE_WIDTH_TAG = 256
+_TIFF_IMAGE_LENGTH_TAG = 257
 _ORIENTATIONS_SWAPPING_AXES = {5, 6, 7, 8}
 _ALPHA_BACKGROUND = (255, 255, 255)
 # What Pillow raises on missing, corrupt or truncated files (decoders are not consistent).
@@ -36,7 +38,7 @@ _READ_ERRORS = (
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file into an RGB tensor, EXIF orientation applied.
+    """Decode an image file into an RGB tensor, EXIF orientation applied (exactly once).
 
     The whole file is decoded (``Image.load()``), so a truncated file fails here rather than
     later. Colour handling:
@@ -62,7 +64,7 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     try:
         with Image.open(path) as opened:
             opened.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(opened))
+            rgb = _to_rgb(_upright(opened))
             pixels = np.array(rgb, dtype=np.uint8)
     except _READ_ERRORS as error:
         raise InputError(path, f"cannot read image: {_describe(error)}") from error
@@ -74,7 +76,13 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """Height and width of an image from its header, without decoding the pixels.
 
     EXIF orientations 5-8 (the ones that rotate by 90 degrees) swap the two, so the result
-    matches the shape :func:`load_image` returns.
+    matches the shape :func:`load_image` returns. The swap is applied to the size as *stored*
+    in the file, never blindly to ``Image.size``: for TIFF, Pillow >= 11.0
+    (python-pillow/Pillow#8390, ``TiffImageFile._setup``) already reports the rotated size,
+    while older Pillow reports the stored one until the pixels are loaded. So for TIFF the
+    stored size is read from the ``ImageWidth``/``ImageLength`` tags (256/257) of the first
+    frame, which neither behaviour alters; JPEG, PNG, WebP and other formats use
+    ``Image.size``, which Pillow reports un-rotated. Only the header is parsed in every case.
 
     Args:
         path: image file.
@@ -87,13 +95,44 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """
     try:
         with Image.open(path) as opened:
-            width, height = opened.size
+            width, height = _stored_size(opened)
             orientation = opened.getexif().get(_EXIF_ORIENTATION_TAG)
     except _READ_ERRORS as error:
         raise InputError(path, f"cannot read image: {_describe(error)}") from error
     if orientation in _ORIENTATIONS_SWAPPING_AXES:
         return width, height
     return height, width
+
+
+def _stored_size(opened: Image.Image) -> tuple[int, int]:
+    """``(W, H)`` of the pixels as stored in the file, before any EXIF orientation is applied.
+
+    Pillow's TIFF plugin may already have swapped ``Image.size`` for orientations 5-8 (it does
+    so from 11.0 on, so that ``load()``, which transposes in place, does not change ``size``);
+    the raw ``ImageWidth``/``ImageLength`` tags are what the file stores whatever the version.
+    Other formats: ``Image.size``, which no Pillow version rotates before decoding.
+    """
+    if isinstance(opened, TiffImagePlugin.TiffImageFile):
+        tags = opened.tag_v2
+        width = tags.get(_TIFF_IMAGE_WIDTH_TAG)
+        height = tags.get(_TIFF_IMAGE_LENGTH_TAG)
+        if isinstance(width, int) and isinstance(height, int):
+            return width, height
+    return opened.size
+
+
+def _upright(loaded: Image.Image) -> Image.Image:
+    """A loaded image with its EXIF orientation applied exactly once.
+
+    Pillow's TIFF plugin applies the orientation tag itself when the pixels are loaded (every
+    Pillow the project supports, >= 9.0; python-pillow/Pillow#4063). Pillow >= 10.1 also drops
+    the tag then (#7383), so a second ``exif_transpose`` is a no-op, but older versions keep it
+    and ``exif_transpose`` would rotate or flip the pixels a second time. Other formats are
+    never transposed on load, so they go through ``ImageOps.exif_transpose``.
+    """
+    if isinstance(loaded, TiffImagePlugin.TiffImageFile):
+        return loaded
+    return ImageOps.exif_transpose(loaded)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

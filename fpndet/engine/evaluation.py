@@ -57,6 +57,8 @@ _METRIC_DESCRIPTIONS = {
     "ARs1000": "AR  @[IoU=0.50:0.95 | area= small | proposals=1000]",
     "ARm1000": "AR  @[IoU=0.50:0.95 | area=medium | proposals=1000]",
     "ARl1000": "AR  @[IoU=0.50:0.95 | area= large | proposals=1000]",
+    # fpndet's own devkit metric (voc_map50 with use_07_metric=False), not a pycocotools one.
+    "VOC_mAP50": "all-point interpolated AP at IoU >= 0.5 (VOC2010+ devkit rule)",
 }
 
 # pycocotools marks "undefined" (no ground truth in that category / area range) with -1.
@@ -454,7 +456,8 @@ def format_metrics_table(metrics: Mapping[str, float], *, title: str = "COCO bbo
     """Aligned two-column text table of metrics.
 
     Each row holds the metric name, for COCO names pycocotools' description (IoU range, area,
-    maxDets), and the value. Values are shown with 4 decimals; -1 (undefined) is shown as ``n/a``.
+    maxDets) and for ``VOC_mAP50`` the devkit rule it follows, and the value.
+    Values are shown with 4 decimals; -1 (undefined) is shown as ``n/a``.
     """
     name_width = max([0] + [len(name) for name in metrics])
     rows = [
@@ -561,7 +564,9 @@ def voc_map50(
             "iscrowd": Tensor[G]}``, where a non-zero ``iscrowd`` means "difficult" (optional key).
         num_classes: number of contiguous classes.
         iou_threshold: minimum IoU of a true positive.
-        use_07_metric: 11-point interpolated AP (VOC2007) instead of all-point AP (VOC2010+).
+        use_07_metric: 11-point interpolated AP (VOC2007 devkit, recall levels ``k * 0.1`` as
+            IEEE doubles, so a recall of exactly 3/10 does not reach level 0.3; see
+            :func:`_eleven_point_ap`) instead of all-point AP (VOC2010+).
 
     Returns:
         ``{"mAP50": float, "per_class_ap50": list[float]}``; a class without non-difficult ground
@@ -688,9 +693,30 @@ def _all_point_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((recall[steps + 1] - recall[steps]) * envelope[steps + 1]))
 
 
+# The recall levels of the VOC2007 devkit's ``for t=0:0.1:1`` (VOCevaldet.m) as the doubles
+# k * 0.1, as py-faster-rcnn, Detectron and mmdet compute them (``np.arange(0., 1.1, 0.1)``).
+_VOC07_RECALL_LEVELS = np.arange(11) * 0.1
+
+
 def _eleven_point_ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """Mean over recall levels t in {0, 0.1, ..., 1} of max precision at recall >= t, VOC2007."""
-    levels = np.arange(11) / 10.0  # exact decimals: recall 3/10 must reach level 0.3
+    """VOC2007 11-point AP: the mean over 11 recall levels t of the max precision at recall >= t
+    (VOCevaldet.m: ``for t=0:0.1:1, p=max(prec(rec>=t)); ... ap=ap+p/11``).
+
+    The levels are the doubles ``k * 0.1`` (:data:`_VOC07_RECALL_LEVELS`), not exact tenths: 0.1
+    is not a double, and MATLAB's ``0:0.1:1`` gives 0.30000000000000004 as its fourth level, so
+    a recall of exactly 3/10 does not reach level 0.3 (10 objects, 3 true positives then 2 false
+    positives: AP 3/11, not 4/11). Levels 0.6 and 0.7 are taken as ``6 * 0.1`` and ``7 * 0.1``
+    like the Python ports (not checked against a MATLAB run; they matter only when a recall is
+    exactly 6/10 or 7/10).
+
+    Args:
+        recall: float array[N], non-decreasing, true positives so far / positives.
+        precision: float array[N], true positives so far / detections so far.
+
+    Returns:
+        AP in [0, 1].
+    """
+    levels = _VOC07_RECALL_LEVELS
     reached = recall[None, :] >= levels[:, None]
     best = np.where(reached, precision[None, :], 0.0).max(axis=1)
     return float(best.mean())

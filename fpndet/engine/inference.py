@@ -227,6 +227,9 @@ def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional
     Returns:
         ``{"metrics": {...}, "per_class_ap": {...}, ...}`` (see :meth:`CocoEvaluator.evaluate`),
         with ``"diagnostics"`` (:func:`~fpndet.engine.diagnostics.write_diagnostics`) when written.
+        For VOC datasets ``metrics["VOC_mAP50"]`` is the devkit mAP: all-point interpolated AP at
+        IoU >= 0.5 (VOC2010+ devkit rule, :func:`~fpndet.engine.evaluation.voc_map50`), not the
+        11-point AP of VOC2007.
 
     Raises:
         InputError(model_source, ...): the model's classes do not cover the dataset's.
@@ -238,7 +241,7 @@ def evaluate_detections(dataset, detections, ground_truths, *, out_dir: Optional
     coco_gt = evaluated_ground_truth(dataset, len(detections))
     report = CocoEvaluator(coco_gt, class_names=dataset.class_names).evaluate(results)
     if dataset.devkit_metric:  # VOC: the devkit metric too
-        voc = voc_map50(detections, ground_truths, dataset.num_classes)
+        voc = voc_map50(detections, ground_truths, dataset.num_classes, use_07_metric=False)
         report["metrics"]["VOC_mAP50"] = voc["mAP50"]
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, TiffImagePlugin, features
 
 from fpndet.data.images import image_size, load_image
 from fpndet.errors import InputError
@@ -37,6 +37,66 @@ def test_exif_orientation_6_is_applied(tmp_path):
     top, bottom = image[:, 5, 10].tolist(), image[:, 35, 10].tolist()
     assert top[0] > 200 and top[2] < 60
     assert bottom[2] > 200 and bottom[0] < 60
+
+
+# EXIF orientation -> what a viewer shows, as a transform of the stored [H, W, C] pixels.
+_DISPLAYED = {
+    1: lambda stored: stored,
+    6: lambda stored: np.rot90(stored, -1),  # rotate 90 degrees clockwise
+    8: lambda stored: np.rot90(stored, 1),  # rotate 90 degrees counter-clockwise
+}
+
+
+def _save_oriented(stored: np.ndarray, path, orientation: int, **options) -> None:
+    image = Image.fromarray(stored)
+    if path.suffix == ".tif":
+        image.save(path, tiffinfo={0x0112: orientation}, **options)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(path, exif=exif.tobytes(), **options)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+@pytest.mark.parametrize("name, options", [
+    ("raw.tif", {}),
+    ("lzw.tif", {"compression": "tiff_lzw"}),  # decoded through libtiff
+    ("photo.jpg", {"quality": 95}),
+])
+def test_image_size_matches_load_image_for_every_orientation(tmp_path, orientation, name, options):
+    if "compression" in options and not features.check("libtiff"):
+        pytest.skip("Pillow built without libtiff")
+    stored = np.random.default_rng(orientation).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    path = tmp_path / name
+    _save_oriented(stored, path, orientation, **options)
+    expected = (30, 20) if orientation in (6, 8) else (20, 30)  # (H, W) as displayed
+
+    image = load_image(path)
+    assert tuple(image.shape) == (3, *expected)
+    assert image_size(path) == expected
+    if path.suffix == ".tif":  # lossless: the orientation is applied once, in the right sense
+        displayed = _DISPLAYED[orientation](stored)
+        assert torch.equal(image, torch.from_numpy(np.ascontiguousarray(displayed)).permute(2, 0, 1))
+
+
+def test_image_size_of_tiff_does_not_depend_on_pillow_pre_rotating_the_size(tmp_path, monkeypatch):
+    """Pillow >= 11 reports a rotated ``size`` for TIFF orientations 5-8, older Pillow the stored
+    one; simulate the older behaviour on the installed Pillow and expect the same answer."""
+    stored = np.zeros((20, 30, 3), np.uint8)
+    for orientation in (6, 8):
+        _save_oriented(stored, tmp_path / f"o{orientation}.tif", orientation)
+
+    original_setup = TiffImagePlugin.TiffImageFile._setup
+
+    def setup_reporting_stored_size(self):
+        original_setup(self)
+        self._size = (self.tag_v2[256], self.tag_v2[257])  # ImageWidth, ImageLength as stored
+
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "_setup", setup_reporting_stored_size)
+    with Image.open(tmp_path / "o6.tif") as opened:
+        assert opened.size == (30, 20)  # the simulation is in effect: (W, H) un-rotated
+    assert image_size(tmp_path / "o6.tif") == (30, 20)
+    assert image_size(tmp_path / "o8.tif") == (30, 20)
 
 
 def test_grayscale_modes_become_three_equal_channels(tmp_path):

@@ -314,6 +314,84 @@ def test_voc_hand_computed_all_point_and_eleven_point():
     assert all_point["per_class_ap50"] == [pytest.approx(34 / 45)]
 
 
+def _ranked_voc_case(outcomes: str, positives: int):
+    """One image with ``positives`` class-0 boxes and detections in descending score order:
+    ``T`` hits the next unmatched box (IoU 1), ``F`` lands on empty space (IoU 0)."""
+    gt_boxes = torch.tensor([[20.0 * i, 0.0, 20.0 * i + 10.0, 10.0] for i in range(positives)])
+    boxes, hits = [], 0
+    for outcome in outcomes:
+        if outcome == "T":
+            boxes.append(gt_boxes[hits].tolist())
+            hits += 1
+        else:
+            boxes.append([0.0, 500.0, 10.0, 510.0])
+    detections = [{
+        "boxes": torch.tensor(boxes).reshape(-1, 4),
+        "scores": torch.linspace(0.9, 0.1, len(outcomes)),
+        "labels": torch.zeros(len(outcomes), dtype=torch.int64),
+    }]
+    ground_truths = [{"boxes": gt_boxes, "labels": torch.zeros(positives, dtype=torch.int64)}]
+    return detections, ground_truths
+
+
+def _py_faster_rcnn_voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """The 11-point loop of py-faster-rcnn's voc_ap(use_07_metric=True), written out here."""
+    ap = 0.0
+    for level in np.arange(0.0, 1.1, 0.1):
+        reached = recall >= level
+        ap += (precision[reached].max() if reached.any() else 0.0) / 11.0
+    return ap
+
+
+# VOC2007 devkit: ``for t=0:0.1:1, p=max(prec(rec>=t)) ...``. Level 0.3 is 0.30000000000000004
+# however MATLAB builds the range (the first case is the devkit's own value); levels 0.6 and 0.7
+# follow the k*0.1 reading of its for loop, shared with py-faster-rcnn (see _eleven_point_ap).
+@pytest.mark.parametrize(
+    "outcomes, positives, expected, exact_tenths",
+    [
+        # recall 1/10, 2/10, 3/10 at precision 1: 3/10 is the double 0.3 < 3*0.1, so level 0.3 is
+        # not reached -> 3 levels of 11 (exact tenths would count 4).
+        ("TTTFF", 10, 3 / 11, 4 / 11),
+        # recall 7/10 = 0.7 reaches level 6 (0.6000000000000001) but not level 7
+        # (0.7000000000000001) -> levels 0..6 = 7/11.
+        ("TTTTTTT", 10, 7 / 11, 8 / 11),
+        # recall 3/5 = 0.6 < 0.6000000000000001: levels 0..5 -> 6/11.
+        ("TTTFF", 5, 6 / 11, 7 / 11),
+    ],
+)
+def test_voc07_recall_levels_are_k_times_0_1_not_exact_tenths(outcomes, positives, expected, exact_tenths):
+    detections, ground_truths = _ranked_voc_case(outcomes, positives)
+    eleven_point = voc_map50(detections, ground_truths, 1, use_07_metric=True)["mAP50"]
+    assert eleven_point == pytest.approx(expected, abs=1e-12)
+    assert abs(eleven_point - exact_tenths) > 0.09  # the old np.arange(11) / 10 levels
+    # All-point AP is unaffected: precision 1 up to the last recall.
+    hits = outcomes.count("T")
+    assert voc_map50(detections, ground_truths, 1)["mAP50"] == pytest.approx(hits / positives)
+
+
+def test_metrics_table_says_voc_map50_is_the_all_point_devkit_ap():
+    table = format_metrics_table({"AP": 0.25, "VOC_mAP50": 0.5})
+    row = next(line for line in table.splitlines() if line.startswith("VOC_mAP50"))
+    assert "all-point interpolated AP at IoU >= 0.5 (VOC2010+ devkit rule)" in row
+    assert row.endswith("0.5000")
+
+
+def test_voc07_ap_equals_py_faster_rcnn_on_random_rankings():
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        positives = int(rng.choice([3, 5, 10, 20]))
+        length = int(rng.integers(1, 2 * positives + 1))
+        outcomes = "".join(rng.choice(["T", "F"], size=length))
+        while outcomes.count("T") > positives:  # no more hits than objects
+            outcomes = outcomes.replace("T", "F", 1)
+        is_tp = np.array([outcome == "T" for outcome in outcomes])
+        recall = np.cumsum(is_tp) / positives
+        precision = np.cumsum(is_tp) / np.arange(1, length + 1)
+        detections, ground_truths = _ranked_voc_case(outcomes, positives)
+        got = voc_map50(detections, ground_truths, 1, use_07_metric=True)["mAP50"]
+        assert got == pytest.approx(_py_faster_rcnn_voc07_ap(recall, precision), abs=1e-12), outcomes
+
+
 def test_voc_difficult_objects_are_neither_positives_nor_false_positives():
     detections, ground_truths = _voc_case()
     # Without the difficult flag the 0.7 detection is a TP on a 4th positive:
