@@ -1,6 +1,7 @@
 """CPU inference backends side by side: torchvision's ``retinanet_resnet50_fpn`` (eager) versus
 fpndet's conversion of the same weights on every fpndet backend (eager, fast = BatchNorm folded +
-channels_last, onnxruntime and OpenVINO on the ONNX export, OpenVINO bf16; torch.compile with
+channels_last, winograd = fast with Winograd F(4x4, 3x3) convolutions, onnxruntime and OpenVINO on
+the ONNX export, OpenVINO bf16; torch.compile with
 ``--compile``), on the same coco128 photos, in one process.
 
 Answers first: each backend's detections are compared with torchvision's before anything is
@@ -38,8 +39,11 @@ NAME = "bench_backends"
 def build_backends(ours, args, onnx_path: Path) -> tuple[dict, dict]:
     """name -> callable(images) for every backend asked for and installed; and the export's facts."""
     from fpndet.deploy.tuning import tune_for_cpu
+    from fpndet.deploy.winograd import use_winograd
 
-    runners = {"fpndet eager": ours, "fpndet fast": tune_for_cpu(ours)}
+    winograd = tune_for_cpu(ours)
+    use_winograd(winograd)
+    runners = {"fpndet eager": ours, "fpndet fast": tune_for_cpu(ours), "fpndet winograd": winograd}
     facts = {}
     if args.compile:
         compiled = tune_for_cpu(ours)

@@ -3,6 +3,8 @@
 ============== ==================================================================================
 eager          the PyTorch model as trained
 fast           eager with BatchNorm folded and channels_last (:mod:`fpndet.deploy.tuning`)
+winograd       fast with the 3x3 stride-1 convolutions computed by Winograd F(4x4, 3x3)
+               (:mod:`fpndet.deploy.winograd`; CPU; compiles its transforms on the first call)
 compile        ``torch.compile`` of the backbone, FPN and heads (dynamic shapes)
 onnxruntime    the ONNX export (:mod:`fpndet.deploy.export`) on onnxruntime, float32
 openvino       the ONNX export on OpenVINO, float32
@@ -28,7 +30,8 @@ import torch
 
 from ..errors import InputError
 
-BACKEND_CHOICES = ("auto", "eager", "fast", "compile", "onnxruntime", "openvino", "openvino-bf16")
+BACKEND_CHOICES = ("auto", "eager", "fast", "winograd", "compile", "onnxruntime", "openvino", "openvino-bf16")
+PYTORCH_BACKENDS = ("eager", "fast", "winograd", "compile")
 ONNX_BACKENDS = ("onnxruntime", "openvino", "openvino-bf16")
 
 
@@ -96,6 +99,8 @@ def open_detector(weights: str | Path, *, backend: Optional[str] = "auto", devic
             apply_inference_overrides(detector, **{k: v for k, v in overrides.items() if k == "score_thresh"})
         names = detector.class_names
         return detector, names if names or not named_only else None, chosen
+    if chosen == "winograd" and device.type != "cpu":
+        raise InputError(path, "the winograd backend runs on the CPU (on a GPU use eager or compile)")
     if chosen in ONNX_BACKENDS:  # exported with the model's own settings, the overrides applied after
         model, class_names = load_detector(weights, named_only=named_only)
         names = class_names or [str(i) for i in range(model.config.num_classes)]
@@ -104,10 +109,14 @@ def open_detector(weights: str | Path, *, backend: Optional[str] = "auto", devic
             detector.postprocessor.score_thresh = overrides["score_thresh"]
         return detector, class_names, chosen
     model, class_names = load_detector(weights, device=device, overrides=overrides, named_only=named_only)
-    if chosen == "fast":
+    if chosen in ("fast", "winograd"):
         from .tuning import tune_for_cpu
 
         model = tune_for_cpu(model)
+    if chosen == "winograd":
+        from .winograd import use_winograd
+
+        use_winograd(model)
     elif chosen == "compile":
         for name in ("backbone", "fpn", "head"):
             if getattr(model, name, None) is not None:

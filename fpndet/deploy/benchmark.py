@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .backends import BACKEND_CHOICES, installed, open_detector
+from .backends import BACKEND_CHOICES, PYTORCH_BACKENDS, installed, open_detector
 
-DEFAULT_BACKENDS = ("eager", "fast", "onnxruntime", "openvino", "openvino-bf16")
+DEFAULT_BACKENDS = ("eager", "fast", "winograd", "onnxruntime", "openvino", "openvino-bf16")
 BOX_TOLERANCE_PX, SCORE_TOLERANCE = 0.5, 1e-4
 
 
@@ -137,7 +137,7 @@ def benchmark_backends(weights, *, device: torch.device = torch.device("cpu"), b
         if not installed(backend):
             rows.append({"backend": backend, "skipped": "not installed"})
             continue
-        if size and backend not in ("eager", "fast", "compile"):
+        if size and backend not in PYTORCH_BACKENDS:
             rows.append({"backend": backend, "skipped": "--size applies to PyTorch backends (an export keeps its size)"})
             continue
         try:
@@ -146,6 +146,8 @@ def benchmark_backends(weights, *, device: torch.device = torch.device("cpu"), b
             rows.append({"backend": backend, "skipped": err.problem})
             continue
         row = {"backend": backend, **compare(reference, _call(detector, images, device))}
+        if backend in ("winograd", "compile"):  # compiled code settles on the second call
+            _call(detector, images, device)
         times = []
         with PeakMemory(device) as memory:
             for _ in range(repeats):
