@@ -29,10 +29,23 @@ def test_equals_the_direct_convolution_at_any_size(size, bias):
     x = torch.randn(2, 12, *size)
     with torch.no_grad():
         expected = conv(x)
-        found = WinogradConv2d(conv, compiled=False)(x)
+        found = WinogradConv2d(conv, compiled=False, max_positions=10**9)(x)
     assert found.shape == expected.shape
     assert found.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(found, expected) < 5e-5
+
+
+def test_large_inputs_take_the_direct_convolution():
+    """Above max_positions output positions (B * H * W) the module runs the direct convolution
+    (bit-equal to it); at or below, the Winograd form (rounding differs from the direct one)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+    winograd = WinogradConv2d(conv, compiled=False, max_positions=2 * 9 * 10)
+    with torch.no_grad():
+        small, large = torch.randn(2, 8, 9, 10), torch.randn(2, 8, 9, 11)
+        assert torch.equal(winograd(large), conv(large))
+        assert not torch.equal(winograd(small), conv(small))
+        assert relative_error(winograd(small), conv(small)) < 5e-5
 
 
 def test_transformed_filter_of_a_centred_impulse():
@@ -50,7 +63,7 @@ def test_compiled_transforms_equal_the_eager_ones():
     (dynamic shapes: one compilation)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1).eval()
-    compiled, eager = WinogradConv2d(conv), WinogradConv2d(conv, compiled=False)
+    compiled, eager = WinogradConv2d(conv), WinogradConv2d(conv, compiled=False)  # both under MAX_POSITIONS
     for size in ((10, 14), (17, 9)):
         x = torch.randn(1, 16, *size)
         with torch.no_grad():
