@@ -131,12 +131,12 @@ def run(args) -> None:
     from fpndet.deploy.tuning import tune_for_cpu
     from fpndet.deploy.winograd import use_winograd
 
-    winograd = tune_for_cpu(ours)
-    use_winograd(winograd)
+    winograd_model = tune_for_cpu(ours)
+    use_winograd(winograd_model)
     with torch.inference_mode():
-        winograd(images), winograd(images)  # compile the transforms before timing
+        winograd_model(images), winograd_model(images)  # compile the transforms before timing
     runners = {"torchvision eager": lambda: tv_model(images), "fpndet eager": lambda: ours(images),
-               "fpndet winograd": lambda: winograd(images)}
+               "fpndet winograd": lambda: winograd_model(images)}
     with tempfile.TemporaryDirectory() as tmp:
         if installed("openvino") or installed("onnxruntime"):
             from fpndet.deploy.export import export_onnx
