@@ -215,7 +215,8 @@ def test_auto_is_a_marker_that_only_the_fit_resolves(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("model:\n  preset: faster_rcnn_r18_fpn_cpu\n  anchor_sizes: auto\n")
     assert auto_anchor_fields(load_config(str(path))) == ["anchor_sizes"]
-    assert model_config(load_config(str(path)), reference_anchors=True).anchor_sizes == [16.0, 32.0, 64.0, 128.0, 256.0]
+    # a two-stage preset (P2-P6) starts from the FPN paper's 32 px on P2
+    assert model_config(load_config(str(path)), reference_anchors=True).anchor_sizes == [32.0, 64.0, 128.0, 256.0, 512.0]
     given = load_config(str(path), ["model.anchor_sizes=[8,16,32,64,128]"])
     assert auto_anchor_fields(given) == [] and model_config(given).anchor_sizes == [8.0, 16.0, 32.0, 64.0, 128.0]
     with pytest.raises(InputError):
