@@ -282,8 +282,10 @@ def rpn_inputs(rpn, seed: int = 0) -> tuple[torch.Tensor, list[int], torch.Tenso
     return anchors, counts, objectness
 
 
-def proposals_of(rpn, objectness, deltas, *, training: bool = False) -> Proposals:
+def proposals_of(rpn, objectness, deltas=None, *, training: bool = False) -> Proposals:
+    """The RPN's proposals for given head outputs (zero deltas when none: the anchors themselves)."""
     anchors, counts = rpn.anchor_generator((SIZE, SIZE), GRIDS)
+    deltas = torch.zeros(1, len(anchors), 4) if deltas is None else deltas
     rpn.train(training)
     return rpn.proposals(RPNOutputs(objectness, deltas, anchors, counts), [(SIZE, SIZE)])
 
@@ -307,7 +309,7 @@ def test_rpn_keep_all_settings_keep_every_anchor():
     (zero deltas: the anchor itself, clipped) becomes a proposal."""
     rpn = rpn_of()
     anchors, counts, objectness = rpn_inputs(rpn)
-    found = proposals_of(rpn, objectness, torch.zeros(1, len(anchors), 4))
+    found = proposals_of(rpn, objectness)
     assert int(found.valid.sum()) == len(anchors) == sum(counts) == 4092
 
 
@@ -315,7 +317,7 @@ def test_rpn_keep_all_settings_keep_every_anchor():
 def test_rpn_pre_nms_topk_test_caps_candidates_per_level(k):
     rpn = rpn_of(pre_nms_topk_test=k)
     anchors, counts, objectness = rpn_inputs(rpn)
-    found = proposals_of(rpn, objectness, torch.zeros(1, len(anchors), 4))
+    found = proposals_of(rpn, objectness)
     assert int(found.valid.sum()) == sum(min(k, c) for c in counts)  # 5 x 5 levels, or 50+50+50+48+12
     # they are the k best of each level
     best, start = [], 0
@@ -338,7 +340,7 @@ def test_rpn_pre_nms_topk_train_applies_in_training_and_test_at_test_time():
 def test_rpn_min_box_size_removes_the_small_proposals(min_size):
     rpn = rpn_of(min_box_size=min_size)
     anchors, _, objectness = rpn_inputs(rpn)
-    found = proposals_of(rpn, objectness, torch.zeros(1, len(anchors), 4))
+    found = proposals_of(rpn, objectness)
     boxes = found.boxes[found.valid]
     assert bool(((boxes[:, 2] - boxes[:, 0]) >= min_size).all() and ((boxes[:, 3] - boxes[:, 1]) >= min_size).all())
     reference = clipped(anchors)  # zero deltas: the proposals are the clipped anchors
@@ -350,7 +352,7 @@ def test_rpn_min_box_size_removes_the_small_proposals(min_size):
 def test_rpn_score_thresh_removes_proposals_below_it(thresh):
     rpn = rpn_of(score_thresh=thresh)
     anchors, _, objectness = rpn_inputs(rpn)
-    found = proposals_of(rpn, objectness, torch.zeros(1, len(anchors), 4))
+    found = proposals_of(rpn, objectness)
     scores = found.scores[found.valid]
     assert bool((scores >= thresh).all())
     assert int(found.valid.sum()) == int((torch.sigmoid(objectness) >= thresh).sum()) < len(anchors)
@@ -370,7 +372,7 @@ def rpn_nms_reference(anchors, counts, objectness, thresh: float) -> int:
 def test_rpn_nms_thresh_equals_torchvision_nms_within_each_level(thresh):
     rpn = rpn_of(nms_thresh=thresh)
     anchors, counts, objectness = rpn_inputs(rpn)
-    found = proposals_of(rpn, objectness, torch.zeros(1, len(anchors), 4))
+    found = proposals_of(rpn, objectness)
     assert int(found.valid.sum()) == rpn_nms_reference(anchors, counts, objectness, thresh)
 
 
@@ -379,7 +381,7 @@ def test_rpn_lower_nms_thresh_keeps_fewer_proposals():
     for thresh in (0.3, 0.5, 0.7, 0.9):
         rpn = rpn_of(nms_thresh=thresh)
         anchors, _, objectness = rpn_inputs(rpn)
-        counts.append(int(proposals_of(rpn, objectness, torch.zeros(1, len(anchors), 4)).valid.sum()))
+        counts.append(int(proposals_of(rpn, objectness).valid.sum()))
     assert all(a < b for a, b in pairwise(counts)), counts
 
 
